@@ -1,0 +1,67 @@
+"""The two roles of a round, as message-passing interfaces.
+
+The decode loop (engine/) talks to drafters and to the verifier only through these calls,
+so the same loop runs in one process (local workers) and in the Ray Serve router (the same
+calls carried as protobuf over DeploymentHandles). Calls are stateless: each one carries the
+session id and the committed token ids, so any replica can serve it (a cache miss re-prefills);
+replicas keep per-session KV caches in a bounded LRU.
+
+Randomness is derived from (seed, round index), never from replica state, so a retried or
+re-routed call draws the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..sampling.params import SamplingParams
+from ..tree.token_tree import Coupling, TokenTree
+from .types import RuleParams
+
+
+@dataclass
+class DraftCall:
+    session_id: str
+    committed: list[int]  # prompt + generated so far
+    num_tokens: int  # chain depth wanted (tree depth for k-config trees)
+    sampling: SamplingParams
+    seed: int  # already mixed with the round index
+    tree_config: tuple[int, ...] | None = None  # k children per level; None = one chain
+    coupling: Coupling = "independent"  # how siblings are sampled (rule-dependent)
+
+
+@dataclass
+class DraftReply:
+    tree: TokenTree  # this drafter's candidates (a chain is a one-branch tree)
+    drafter: str
+    seconds: float = 0.0
+
+
+@dataclass
+class VerifyCall:
+    session_id: str
+    committed: list[int]
+    tree: TokenTree  # merged candidates of all drafters
+    sampling: SamplingParams
+    rule: str
+    rule_params: RuleParams
+    seed: int  # already mixed with the round index
+
+
+@dataclass
+class VerifyReply:
+    tokens: list[int]  # accepted draft tokens + the correction/bonus token
+    path: list[int]  # accepted node ids, root to leaf
+    accepted_by_drafter: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class DrafterBackend(Protocol):
+    name: str
+
+    async def draft(self, call: DraftCall) -> DraftReply: ...
+
+
+class VerifierBackend(Protocol):
+    async def verify(self, call: VerifyCall) -> VerifyReply: ...
