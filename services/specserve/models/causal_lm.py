@@ -1,0 +1,335 @@
+"""A transformers causal LM with per-session KV caches: the verifier backend and the base of LM drafters.
+
+Cache convention (models/base.py): at rest a session's DynamicCache holds `committed[:-1]`;
+the last committed token is *pending*. A verification pass feeds `[pending] + tree.tokens` in
+ONE forward with a 4-D attention mask (the cached prefix is visible to every row, a tree row sees
+only its ancestors and itself) and position ids by depth, so row 0 of the result is the law after
+the committed text and row 1 + i the law after tree node i. `commit` keeps only the accepted
+path's KV rows (index_select along the sequence axis), so nothing is recomputed.
+
+Sessions are lazy: `sync` and `commit` only record what the cache should hold; the forward that
+brings the cache up to date runs when logits are actually asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from ..sampling.params import SamplingParams, process_logits
+from ..tree.token_tree import TokenTree
+from .weights import resolve_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """"auto" = bf16 where the hardware runs it natively (CUDA with bf16, CPU with AVX512-BF16/AMX),
+    fp32 otherwise (emulated bf16 on CPU is slower than fp32). Exactness tests ask for float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return DTYPES[dtype]
+        except KeyError:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def sample_token(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """Draw one token id from a processed law [V] (a one-hot greedy row draws its argmax)."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+class CausalLM:
+    """A loaded causal LM + tokenizer. Thread-safety: one forward at a time per model (a lock),
+    which is what a CPU replica wants anyway."""
+
+    def __init__(self, model, tokenizer, name: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.lock = threading.RLock()
+
+    @classmethod
+    def load(
+        cls,
+        spec: str,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+    ) -> "CausalLM":
+        """`spec`: an alias from models/weights.py, a local directory or a hub id."""
+        path = resolve_model(spec)
+        torch_dtype = pick_dtype(dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation
+        ).to(device)
+        return cls(model, tokenizer, name=spec)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output layer (may exceed len(tokenizer) when the embedding is padded)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def new_session(self) -> "LMSession":
+        return LMSession(self)
+
+    @torch.inference_mode()
+    def plain_generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int | None = None,
+        stop_ids: tuple[int, ...] | list[int] = (),
+    ) -> list[int]:
+        """The plain decoding baseline: one token per forward, through the same process_logits.
+        Returns the new tokens (a stop token is included and ends generation)."""
+        session = self.new_session()
+        session.sync(list(prompt_ids))
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        out: list[int] = []
+        stops = set(stop_ids)
+        for _ in range(max_new_tokens):
+            token = sample_token(process_logits(session.next_logits(), sampling), generator)
+            out.append(token)
+            if token in stops:
+                break
+            session.append(token)
+        return out
+
+
+@dataclass
+class _Scored:
+    """What the last score_tree left in the cache (so commit can keep those rows)."""
+
+    tree: TokenTree
+    prefix_len: int  # cache rows before the pending token
+    tree_tokens: tuple[int, ...]
+
+
+class LMSession:
+    """One request's state on one model: the committed tokens and a KV cache (see module doc)."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        self.lm = lm
+        self.committed: list[int] = []
+        self.cache = DynamicCache(config=lm.model.config)
+        self._cached: list[int] = []  # token ids whose KV rows are in the cache, in order
+        self._logits_after_cached: torch.Tensor | None = None  # fp32 [V], valid iff set
+        self._hidden_after_cached: torch.Tensor | None = None
+        self._scored: _Scored | None = None  # tree rows currently appended to the cache
+        self.forwards = 0  # forward passes run (for tests and accounting)
+
+    # ---- the committed text ------------------------------------------------------------
+    def sync(self, committed_ids: list[int]) -> None:
+        """Make `committed_ids` the committed text. Keeps the longest common prefix of the cache
+        (a rollback or a different text only crops); the rest is prefilled lazily."""
+        if not committed_ids:
+            raise ValueError("a session needs at least one committed token")
+        self._drop_scored()
+        common = 0
+        for a, b in zip(self._cached, committed_ids):
+            if a != b:
+                break
+            common += 1
+        self._crop_to(common)
+        self.committed = list(committed_ids)
+
+    def append(self, token: int) -> None:
+        """Commit one more token (a plain decode step; the forward runs on the next read)."""
+        self._drop_scored()
+        self.committed.append(int(token))
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """fp32 logits [V] of the next token after the committed text."""
+        self._forward_to(len(self.committed))
+        assert self._logits_after_cached is not None
+        return self._logits_after_cached
+
+    @torch.inference_mode()
+    def next_hidden(self) -> torch.Tensor:
+        """Last-layer hidden state [H] at the last committed token (MCSD decision model input)."""
+        self._forward_to(len(self.committed))
+        assert self._hidden_after_cached is not None
+        return self._hidden_after_cached
+
+    # ---- verification --------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_tree(self, tree: TokenTree) -> torch.Tensor:
+        """ONE forward over [pending] + tree.tokens on top of the cache; fp32 logits [n + 1, V].
+        Does not commit anything: the tree rows stay in the cache only until the next call."""
+        self._forward_to(len(self.committed) - 1)
+        prefix = len(self._cached)
+        feed = [self.committed[-1], *tree.tokens]
+        n = len(tree)
+        # positions: the pending token sits at `prefix`, a node at prefix + its depth
+        positions = torch.tensor([[prefix] + [prefix + d for d in tree.depths]], device=self.lm.device)
+        visible = torch.zeros(n + 1, prefix + n + 1, dtype=torch.bool)
+        visible[:, : prefix + 1] = True  # cached prefix + pending token: seen by every row
+        visible[1:, prefix + 1 :] = tree.ancestor_mask()  # ancestors + self
+        logits, _ = self._forward(feed, positions, self._additive_mask(visible), all_logits=True)
+        self._scored = _Scored(tree, prefix, tuple(tree.tokens))
+        return logits
+
+    def commit(self, path: list[int], tree: TokenTree, next_token: int) -> None:
+        """Accept `path` (node ids, root to leaf) of `tree`; `next_token` becomes pending."""
+        path_tokens = [tree.tokens[i] for i in path]
+        scored = self._scored
+        if scored is not None and scored.tree is tree and scored.tree_tokens == tuple(tree.tokens):
+            # keep prefix + pending + the accepted nodes' rows; drop the other branches
+            keep = list(range(scored.prefix_len + 1)) + [scored.prefix_len + 1 + i for i in path]
+            self._select_rows(torch.tensor(keep, device=self.lm.device))
+            self._cached = self.committed + path_tokens
+            self._scored = None
+            self._logits_after_cached = None
+            self._hidden_after_cached = None
+        else:  # the tree was not scored here: recompute lazily
+            self._drop_scored()
+        self.committed = self.committed + path_tokens + [int(next_token)]
+
+    # ---- cache bookkeeping ---------------------------------------------------------------
+    def _drop_scored(self) -> None:
+        if self._scored is not None:
+            self._crop_rows(len(self._cached))
+            self._scored = None
+
+    def _crop_to(self, length: int) -> None:
+        """Keep only the first `length` cached tokens."""
+        if length < len(self._cached):
+            self._crop_rows(length)
+            self._cached = self._cached[:length]
+            self._logits_after_cached = None
+            self._hidden_after_cached = None
+
+    def _crop_rows(self, length: int) -> None:
+        excess = self.cache.get_seq_length() - length
+        if excess > 0:
+            self.cache.crop(-excess)  # transformers 5.x: a negative count removes that many rows
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(-2, index)
+                layer.values = layer.values.index_select(-2, index)
+
+    def _forward_to(self, length: int) -> None:
+        """Bring the cache to hold committed[:length], prefilling what is missing. Invariant: the
+        cached tokens are always a prefix of the committed ones (sync/append/commit keep it)."""
+        self._drop_scored()
+        wants_logits = length == len(self.committed)
+        if wants_logits and len(self._cached) == length and self._logits_after_cached is None:
+            self._crop_to(length - 1)  # the last row's logits are gone (after commit): redo it
+        self._crop_to(length)
+        if len(self._cached) == length:
+            return
+        start = len(self._cached)
+        positions = torch.arange(start, length, device=self.lm.device).unsqueeze(0)
+        logits, hidden = self._forward(self.committed[start:length], positions, None, False)
+        self._cached = self.committed[:length]
+        self._logits_after_cached = logits[-1]
+        self._hidden_after_cached = hidden
+
+    def _additive_mask(self, visible: torch.Tensor) -> torch.Tensor:
+        """bool [q, kv] -> additive float mask [1, 1, q, kv] (works for eager and sdpa)."""
+        dtype = self.lm.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        return mask[None, None].to(self.lm.device)
+
+    def _forward(
+        self,
+        tokens: list[int],
+        positions: torch.Tensor,
+        mask4d: torch.Tensor | None,
+        all_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([tokens], device=self.lm.device)
+        with self.lm.lock:
+            out = self.lm.model(
+                input_ids=ids,
+                attention_mask=mask4d,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+                output_hidden_states=not all_logits,
+            )
+        self.forwards += 1
+        hidden = out.hidden_states[-1][0, -1].float() if out.hidden_states is not None else None
+        return out.logits[0].float(), hidden
+
+
+class SessionCache:
+    """Bounded LRU of sessions keyed by session id (a server keeps one per request)."""
+
+    def __init__(self, lm: CausalLM, max_sessions: int = 64) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        self.lm = lm
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, LMSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str) -> LMSession:
+        """The session for `session_id` (a new one on a miss), marked most recently used."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = self.lm.new_session()
+                self._sessions[session_id] = session
+                while len(self._sessions) > self.max_sessions:
+                    self._sessions.popitem(last=False)  # evict the least recently used
+            else:
+                self._sessions.move_to_end(session_id)
+            return session
+
+    def drop(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def truncated_copy(lm: CausalLM, num_layers: int, name: str = "") -> CausalLM:
+    """A CausalLM that runs only the first `num_layers` decoder layers of `lm`, then its final norm
+    and lm_head. Weights are SHARED (no copy): only the module containers are new."""
+    base = lm.model.get_decoder()
+    total = len(base.layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+    config = copy.deepcopy(lm.model.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types[:num_layers])
+    decoder = copy.copy(base)
+    decoder._modules = dict(base._modules)  # new container dict: the original keeps all layers
+    decoder.layers = torch.nn.ModuleList(list(base.layers[:num_layers]))
+    decoder.config = config
+    outer = copy.copy(lm.model)
+    outer._modules = dict(lm.model._modules)
+    outer.config = config
+    setattr(outer, outer.base_model_prefix, decoder)
+    return CausalLM(outer, lm.tokenizer, name=name or f"{lm.name}[:{num_layers}]")
