@@ -1,0 +1,188 @@
+"""The Ray Serve deployments: three drafters, the verifier, and the router (gRPC ingress).
+
+Drafters and the verifier are thin shells around the in-process backends (engine/local.py): a
+call arrives as serialized internal protobuf bytes, is decoded (serve/convert.py), served by the
+local backend (which keeps per-session KV caches in a bounded LRU), and the reply goes back as
+bytes. Models load in the replica constructor, never at import, so `serve build` stays cheap.
+
+The Router runs the engine's decode loop over remote backends (serve/router.py) inside the gRPC
+service (serve/service.py); Serve's gRPC proxy calls its `Generate` / `GenerateStream` methods.
+
+Sizing (ray_actor_options, autoscaling_config, request router) is set by serve/app.py from
+AppSettings, so the decorators below carry names only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from ..v1 import internal_pb2 as int_pb
+from . import convert
+from .settings import DEPLOYMENT_NAMES, AppSettings, ModelSettings
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- model loading (in replicas)
+
+
+def _load_lm(spec: str, models: ModelSettings):
+    from ..models.causal_lm import CausalLM
+
+    return CausalLM.load(spec, dtype=models.dtype, device=models.device)
+
+
+def build_drafter(kind: str, models: ModelSettings):
+    """The models-level Drafter behind one drafter deployment."""
+    from ..models import drafters
+
+    if kind == "ngram":
+        return drafters.NgramDrafter(max_n=models.ngram_max, name="ngram")
+    if kind == "small":
+        # early exit of the small-drafter model: its first `small_drafter_layers` layers + lm_head
+        from ..models.causal_lm import truncated_copy
+
+        lm = truncated_copy(_load_lm(models.small_drafter, models), models.small_drafter_layers)
+        return drafters.LMDrafter(lm, name="small", max_sessions=models.session_cache_size)
+    if kind == "medium":
+        lm = _load_lm(models.medium_drafter, models)
+        return drafters.LMDrafter(lm, name="medium", max_sessions=models.session_cache_size)
+    raise ValueError(f"unknown drafter kind {kind!r}")
+
+
+# ---------------------------------------------------------------- workers
+
+
+class _DrafterReplica:
+    kind = ""
+
+    def __init__(self, settings: dict) -> None:
+        from ..engine.local import LocalDrafter
+
+        self.settings = AppSettings.model_validate(settings)
+        self.worker = LocalDrafter(build_drafter(self.kind, self.settings.models), name=self.kind)
+
+    async def draft(self, payload: bytes) -> bytes:
+        msg = int_pb.DraftCall.FromString(payload)
+        reply = await self.worker.draft(convert.draft_call_from_proto(msg))
+        return convert.draft_reply_to_proto(reply, msg.row_encoding).SerializeToString()
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["ngram"])
+class NgramDrafter(_DrafterReplica):
+    """Prompt-lookup / n-gram drafter: no model, nearly free; the bottom of the cascade."""
+
+    kind = "ngram"
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["small"])
+class SmallDrafter(_DrafterReplica):
+    """Small LM drafter (on the embedded default: an early exit of SmolLM2)."""
+
+    kind = "small"
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["medium"])
+class MediumDrafter(_DrafterReplica):
+    """Medium LM drafter (on the embedded default: SmolLM2 itself, a stand-in)."""
+
+    kind = "medium"
+
+
+DRAFTER_DEPLOYMENTS = {"ngram": NgramDrafter, "small": SmallDrafter, "medium": MediumDrafter}
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["verifier"])
+class Verifier:
+    """The big model: scores a whole token tree in one pass and runs acceptance next to the logits."""
+
+    def __init__(self, settings: dict) -> None:
+        from ..engine.local import LocalVerifier
+
+        self.settings = AppSettings.model_validate(settings)
+        models = self.settings.models
+        self.worker = LocalVerifier(_load_lm(models.verifier, models), max_sessions=models.session_cache_size)
+
+    async def verify(self, payload: bytes) -> bytes:
+        reply = await self.worker.verify(convert.verify_call_from_proto(int_pb.VerifyCall.FromString(payload)))
+        return convert.verify_reply_to_proto(reply).SerializeToString()
+
+
+# ---------------------------------------------------------------- router (gRPC ingress)
+
+
+@serve.deployment(name=DEPLOYMENT_NAMES["router"])
+class Router:
+    """Serve's gRPC proxy calls these methods with the decoded request message
+    (specserve.v1.Generation); errors become gRPC status codes through `grpc_context`."""
+
+    def __init__(self, drafters: dict[str, Any], verifier: Any, settings: dict) -> None:
+        from .router import RemoteDrafter, RemoteVerifier
+
+        self.settings = s = AppSettings.model_validate(settings)
+        remote_drafters = [
+            RemoteDrafter(kind, handle, timeout_s=s.draft_timeout_s, grpc_transport=s.grpc_transport,
+                          affinity=s.session_affinity)
+            for kind, handle in drafters.items()
+        ]
+        remote_verifier = RemoteVerifier(verifier, timeout_s=s.verify_timeout_s, attempts=s.verify_attempts,
+                                         grpc_transport=s.grpc_transport, affinity=s.session_affinity)
+        self.service = _make_service(s, remote_drafters, remote_verifier)
+
+    async def Generate(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
+        from ..v1 import generation_pb2 as gen_pb
+
+        try:
+            return await self.service.generate(request)
+        except Exception as exc:  # noqa: BLE001 - mapped to a gRPC status below
+            _set_status(grpc_context, exc)
+            return gen_pb.GenerateResponse()
+
+    async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:  # noqa: N802
+        try:
+            async for chunk in self.service.generate_stream(request):
+                yield chunk
+        except Exception as exc:  # noqa: BLE001 - mapped to a gRPC status below
+            _set_status(grpc_context, exc)
+
+
+def _make_service(settings: AppSettings, drafters: list, verifier: Any):
+    from .service import GenerationService
+
+    return GenerationService.from_backends(settings, drafters=drafters, verifier=verifier)
+
+
+def grpc_status_for(exc: BaseException):
+    """(grpc.StatusCode, details) for an exception escaping the service."""
+    import grpc
+
+    from .router import WorkerUnavailable
+
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code, str(exc)
+    if callable(code):
+        try:
+            value = code()
+            if isinstance(value, grpc.StatusCode):
+                return value, str(exc)
+        except Exception:  # noqa: BLE001
+            pass
+    if isinstance(exc, WorkerUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def _set_status(grpc_context, exc: BaseException) -> None:
+    code, details = grpc_status_for(exc)
+    if code == code.INTERNAL:
+        logger.exception("request failed", exc_info=exc)
+    if grpc_context is None:  # called through a DeploymentHandle: let the caller see the error
+        raise exc
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)

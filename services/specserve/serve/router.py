@@ -1,0 +1,111 @@
+"""Remote drafter / verifier backends: the engine's worker calls carried over Serve DeploymentHandles.
+
+The router runs the same decode loop as the in-process engine; only the backends differ. Each call
+is one DraftCall / VerifyCall serialized as our internal protobuf (serve/convert.py) and sent with
+`handle.options(method_name=..., session_id=...)`:
+
+* `session_id` feeds Serve's ConsistentHashRouter (configured on the worker deployments), so a
+  session keeps landing on the replica that holds its KV cache. If that replica is gone the ring
+  moves the session to another replica, which re-prefills from the committed ids the call carries:
+  slower, never different.
+* `_by_reference=False` sends the call over Serve's interdeployment gRPC transport instead of
+  through the Ray object store (one less hop for small messages). Its receive limit is the env var
+  RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH, which serve/app.py sets for every replica.
+
+Failure policy (DESIGN.md "Sessions, state and failure"):
+* a drafter that fails or is late raises `WorkerUnavailable`; the engine drops it for the round;
+* the verifier is retried (`attempts` in all, the Serve router skips a replica it saw die), then
+  `WorkerUnavailable` reaches the service, which answers gRPC UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..engine.workers import DraftCall, DraftReply, VerifyCall, VerifyReply
+from ..v1 import internal_pb2 as int_pb
+from . import convert
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerUnavailable(RuntimeError):
+    """A drafter or verifier deployment could not answer (dead replica, timeout, no replica)."""
+
+
+async def _call(handle: Any, method: str, payload: bytes, session_id: str, timeout_s: float,
+                grpc_transport: bool, affinity: bool) -> bytes:
+    options: dict = {"method_name": method}
+    if affinity and session_id:
+        options["session_id"] = session_id
+    if grpc_transport:
+        options["_by_reference"] = False
+    response = handle.options(**options).remote(payload)
+    try:
+        return await asyncio.wait_for(_result(response), timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()  # do not leave the work running on the replica
+        raise
+
+
+async def _result(response: Any) -> bytes:
+    return await response
+
+
+class RemoteDrafter:
+    """DrafterBackend over a drafter deployment handle."""
+
+    def __init__(self, name: str, handle: Any, *, timeout_s: float, grpc_transport: bool = True,
+                 affinity: bool = True) -> None:
+        self.name = name
+        self._handle = handle
+        self._timeout_s = timeout_s
+        self._grpc_transport = grpc_transport
+        self._affinity = affinity
+
+    async def draft(self, call: DraftCall) -> DraftReply:
+        # EXACT rows: correct for every rule (DraftCall does not say which rule the round uses, and
+        # greedy rows are one-hot, i.e. one sparse entry each).
+        payload = convert.draft_call_to_proto(call, int_pb.ROW_ENCODING_EXACT).SerializeToString()
+        try:
+            raw = await _call(self._handle, "draft", payload, call.session_id, self._timeout_s,
+                              self._grpc_transport, self._affinity)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure drops this drafter for the round
+            raise WorkerUnavailable(f"drafter {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        return convert.draft_reply_from_proto(int_pb.DraftReply.FromString(raw))
+
+
+class RemoteVerifier:
+    """VerifierBackend over the verifier deployment handle, with a bounded retry."""
+
+    name = "verifier"
+
+    def __init__(self, handle: Any, *, timeout_s: float, attempts: int = 2,
+                 grpc_transport: bool = True, affinity: bool = True) -> None:
+        self._handle = handle
+        self._timeout_s = timeout_s
+        self._attempts = attempts
+        self._grpc_transport = grpc_transport
+        self._affinity = affinity
+
+    async def verify(self, call: VerifyCall) -> VerifyReply:
+        payload = convert.verify_call_to_proto(call).SerializeToString()
+        errors = []
+        for attempt in range(self._attempts):
+            start = time.monotonic()
+            try:
+                raw = await _call(self._handle, "verify", payload, call.session_id, self._timeout_s,
+                                  self._grpc_transport, self._affinity)
+                return convert.verify_reply_from_proto(int_pb.VerifyReply.FromString(raw))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried below, then surfaced as UNAVAILABLE
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                logger.warning("verify attempt %d failed after %.2fs: %s", attempt + 1,
+                               time.monotonic() - start, errors[-1])
+        raise WorkerUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")

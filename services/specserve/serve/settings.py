@@ -1,0 +1,177 @@
+"""Settings of the distributed app: which models, which drafters, and how each deployment is sized.
+
+`build_app(args)` (serve/app.py) validates its args into `AppSettings`, so a Serve config file or
+`serve run specserve.serve.app:build_app key=value` can override any field. Two profiles give the
+defaults: `cpu` (this machine: fractional CPUs, fp32) and `gpu` (one GPU per model replica, bf16).
+
+Every deployment has its own `DeploymentSettings`: drafters and the verifier scale independently,
+each on its own ongoing-request count (see serve/autoscaling.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DrafterKind = Literal["ngram", "small", "medium"]
+DRAFTER_KINDS: tuple[DrafterKind, ...] = ("ngram", "small", "medium")
+
+# Names of the Serve deployments (also the drafter names the engine and the metrics see).
+DEPLOYMENT_NAMES = {
+    "ngram": "NgramDrafter",
+    "small": "SmallDrafter",
+    "medium": "MediumDrafter",
+    "verifier": "Verifier",
+    "router": "Router",
+}
+
+EMBEDDED_MODEL = "smollm2-135m"  # models/weights.py alias of the embedded default
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve's autoscaling_config (replica-queue-length policy), with our defaults."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # ongoing requests per replica the autoscaler aims for (a drafter call is short: a few per replica)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class DeploymentSettings(_Strict):
+    num_cpus: float = Field(0.1, ge=0)  # fractional on a small CPU box, so every replica fits
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"drafter_node": 0.01}
+    max_ongoing_requests: int = Field(8, ge=1)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
+
+
+def _drafter_defaults() -> DeploymentSettings:
+    # Drafters are cheap and their load follows the request rate: let them scale out.
+    return DeploymentSettings(
+        max_ongoing_requests=16,
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=4),
+    )
+
+
+def _verifier_defaults() -> DeploymentSettings:
+    return DeploymentSettings(
+        max_ongoing_requests=8,
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_ongoing_requests=4),
+    )
+
+
+def _router_defaults() -> DeploymentSettings:
+    # The router mostly awaits other deployments: many concurrent streams per replica.
+    return DeploymentSettings(
+        max_ongoing_requests=64,
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_ongoing_requests=32),
+    )
+
+
+_ROLE_DEFAULTS = {
+    "ngram": _drafter_defaults,
+    "small": _drafter_defaults,
+    "medium": _drafter_defaults,
+    "verifier": _verifier_defaults,
+    "router": _router_defaults,
+}
+# GPU fraction per replica on the gpu profile: LM drafters share a GPU, the verifier owns one.
+_GPU_SHARE = {"ngram": 0.0, "small": 0.25, "medium": 0.5, "verifier": 1.0, "router": 0.0}
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ModelSettings(_Strict):
+    verifier: str = EMBEDDED_MODEL  # alias (models/weights.py), local directory or hub id
+    medium_drafter: str = EMBEDDED_MODEL  # stand-in on the embedded default: SmolLM2 drafting for itself
+    small_drafter: str = EMBEDDED_MODEL  # the small drafter is an early exit of this model
+    small_drafter_layers: int = Field(4, ge=1)  # early-exit depth of the small drafter
+    ngram_max: int = Field(4, ge=1)  # longest n-gram the n-gram drafter matches
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    session_cache_size: int = Field(32, ge=1)  # per-replica LRU of session KV caches
+
+
+class AppSettings(_Strict):
+    profile: Literal["cpu", "gpu"] = "cpu"
+    name: str = "specserve"
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    drafters: tuple[DrafterKind, ...] = ("ngram", "small")
+    ngram: DeploymentSettings = Field(default_factory=_drafter_defaults)
+    small: DeploymentSettings = Field(default_factory=_drafter_defaults)
+    medium: DeploymentSettings = Field(default_factory=_drafter_defaults)
+    verifier: DeploymentSettings = Field(default_factory=_verifier_defaults)
+    router: DeploymentSettings = Field(default_factory=_router_defaults)
+    # Router -> worker calls
+    draft_timeout_s: float = Field(10.0, gt=0)  # a late drafter is dropped for the round
+    verify_timeout_s: float = Field(120.0, gt=0)
+    verify_attempts: int = Field(2, ge=1)  # first try + one retry on another replica
+    session_affinity: bool = True  # consistent-hash the session id onto worker replicas
+    grpc_transport: bool = True  # Serve's interdeployment gRPC instead of Ray object refs
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_and_profile_defaults(cls, data):
+        """Partial overrides merge into each role's defaults; the gpu profile changes defaults only."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        gpu = data.get("profile") == "gpu"
+        if gpu:
+            models = dict(data.get("models") or {})
+            models.setdefault("dtype", "bfloat16")
+            models.setdefault("device", "cuda")
+            data["models"] = models
+            data.setdefault("drafters", ("ngram", "small", "medium"))
+        for role, defaults in _ROLE_DEFAULTS.items():
+            base = defaults().model_dump()
+            if gpu:
+                base["num_cpus"] = 1.0
+                base["num_gpus"] = _GPU_SHARE[role]
+            given = data.get(role)
+            if isinstance(given, DeploymentSettings):
+                given = given.model_dump(exclude_unset=True)
+            data[role] = _deep_merge(base, given or {})
+        return data
+
+    @model_validator(mode="after")
+    def _unique_drafters(self) -> "AppSettings":
+        if len(set(self.drafters)) != len(self.drafters):
+            raise ValueError(f"drafters must not repeat: {self.drafters}")
+        return self
+
+    def deployment(self, role: str) -> DeploymentSettings:
+        return getattr(self, role)
