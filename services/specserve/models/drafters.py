@@ -1,0 +1,147 @@
+"""Neural drafters (models.base.Drafter): a small causal LM, or the verifier's own first layers.
+
+A drafter keeps its own KV-cached session per request and rolls back to the committed text at
+the start of every round (`LMSession.sync` keeps the longest common prefix, so a rollback is a
+crop, not a re-prefill). Every drafted token is sampled from its processed law (the same
+`process_logits` as the verifier), and that row travels with the token because lossless
+acceptance rules need it.
+
+Draft and verifier must share a tokenizer: `check_same_tokenizer` refuses clearly otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling.params import SamplingParams, process_logits
+from ..tree.token_tree import ROOT, Coupling, TokenTree
+from .base import DraftProposal
+from .causal_lm import CausalLM, SessionCache, sample_token, truncated_copy
+
+
+class TokenizerMismatchError(ValueError):
+    """A drafter and a verifier do not share a vocabulary."""
+
+
+def check_same_tokenizer(a: CausalLM, b: CausalLM) -> None:
+    """Refuse (raise TokenizerMismatchError, naming both models) unless the two tokenizers map
+    the same strings to the same ids. Embedding sizes may differ (padded rows are never sampled)."""
+    vocab_a, vocab_b = a.tokenizer.get_vocab(), b.tokenizer.get_vocab()
+    if vocab_a == vocab_b:
+        return
+    only_a = len(vocab_a.keys() - vocab_b.keys())
+    only_b = len(vocab_b.keys() - vocab_a.keys())
+    moved = sum(1 for tok, i in vocab_a.items() if tok in vocab_b and vocab_b[tok] != i)
+    raise TokenizerMismatchError(
+        f"drafter and verifier must share a tokenizer, but {a.name!r} ({len(vocab_a)} tokens) and "
+        f"{b.name!r} ({len(vocab_b)} tokens) differ: {only_a} tokens only in {a.name!r}, "
+        f"{only_b} only in {b.name!r}, {moved} with different ids"
+    )
+
+
+def _fit_vocab(probs: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Pad (with zeros) or cut rows to the verifier's vocabulary size. Cutting only drops padded
+    embedding rows, which the shared tokenizer can never produce."""
+    if vocab_size is None or probs.shape[-1] == vocab_size:
+        return probs
+    if probs.shape[-1] > vocab_size:
+        cut = probs[..., :vocab_size]
+        return cut / cut.sum(-1, keepdim=True)
+    pad = torch.zeros(*probs.shape[:-1], vocab_size - probs.shape[-1], dtype=probs.dtype)
+    return torch.cat([probs, pad], dim=-1)
+
+
+class LMDrafter:
+    """Drafts with any causal LM that shares the verifier's tokenizer."""
+
+    def __init__(
+        self,
+        lm: CausalLM,
+        name: str | None = None,
+        max_sessions: int = 64,
+        target_vocab_size: int | None = None,
+        with_hidden: bool = False,
+    ) -> None:
+        self.lm = lm
+        self.name = name or f"lm:{lm.name}"
+        self.sessions = SessionCache(lm, max_sessions)
+        self.target_vocab_size = target_vocab_size  # rows are fitted to the verifier's V
+        self.with_hidden = with_hidden  # return hidden states (MCSD decision model input)
+
+    def propose(
+        self,
+        context: list[int],
+        num_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        session_id: str = "",
+    ) -> DraftProposal:
+        """A chain of `num_tokens` tokens, each drawn from the processed law after the previous
+        ones. `hidden[i]` is the last-layer state that produced the law of token i."""
+        session = self.sessions.get(session_id)
+        session.sync(context)
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
+        for _ in range(num_tokens):
+            probs = _fit_vocab(process_logits(session.next_logits(), params), self.target_vocab_size)
+            if self.with_hidden:
+                hidden.append(session.next_hidden())
+            token = sample_token(probs, generator)
+            tokens.append(token)
+            rows.append(probs)
+            session.append(token)  # lazy: the last token's forward only runs if asked for
+        probs_out = torch.stack(rows) if rows else torch.empty(0, self.target_vocab_size or self.lm.vocab_size)
+        return DraftProposal(
+            tokens=tokens,
+            probs=probs_out,
+            drafter=self.name,
+            hidden=torch.stack(hidden) if hidden else None,
+        )
+
+    def draft_tree(
+        self,
+        context: list[int],
+        tree_config: tuple[int, ...] | list[int],
+        params: SamplingParams,
+        coupling: Coupling = "independent",
+        generator: torch.Generator | None = None,
+        session_id: str = "",
+    ) -> TokenTree:
+        """A k-config tree (MCSD): `tree_config[l]` children under every node of level l, drawn
+        from that node's law with `sample_siblings` under `coupling`. One forward per level:
+        the partial tree is scored with the tree mask on top of the committed text."""
+        from ..sampling.multidraft import sample_siblings
+
+        session = self.sessions.get(session_id)
+        session.sync(context)
+        tree = TokenTree()
+        frontier = [ROOT]
+        for k in tree_config:
+            logits = session.score_tree(tree)  # row 0: after the context; row 1 + i: after node i
+            next_frontier: list[int] = []
+            for parent in frontier:
+                row = 0 if parent == ROOT else 1 + parent
+                probs = _fit_vocab(process_logits(logits[row], params), self.target_vocab_size)
+                tokens, hub = sample_siblings(probs, k, coupling, generator)
+                tree.coupling[parent] = coupling
+                if hub is not None:
+                    tree.hub_token[parent] = hub
+                for token in tokens:
+                    child = tree.propose(parent, token, probs, self.name)
+                    if child not in next_frontier:  # duplicates merge into one node
+                        next_frontier.append(child)
+            frontier = next_frontier
+        return tree
+
+
+class EarlyExitDrafter(LMDrafter):
+    """The verifier's first `num_layers` layers + its final norm and lm_head, sharing weights.
+    Free to deploy (no extra memory) but untrained for this use: low acceptance on real models."""
+
+    def __init__(self, verifier: CausalLM, num_layers: int, max_sessions: int = 64) -> None:
+        super().__init__(
+            truncated_copy(verifier, num_layers),
+            name=f"early-exit:{num_layers}",
+            max_sessions=max_sessions,
+        )

@@ -1,0 +1,138 @@
+"""LM drafters (chain and k-config tree), early exit, tokenizer check, on tiny random models (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specserve.models.base import Drafter
+from specserve.models.causal_lm import CausalLM
+from specserve.models.drafters import (
+    EarlyExitDrafter,
+    LMDrafter,
+    TokenizerMismatchError,
+    check_same_tokenizer,
+)
+from specserve.sampling.params import SamplingParams, process_logits
+from specserve.tree.token_tree import ROOT
+
+from test_models import VOCAB, random_ids, reference_next_logits, tiny_model
+
+ATOL = 1e-5
+
+
+class VocabTokenizer:
+    def __init__(self, vocab: dict[str, int]) -> None:
+        self._vocab = vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def lm(request) -> CausalLM:
+    return CausalLM(tiny_model(request.param, "sdpa", seed=1), tokenizer=None, name=f"tiny-{request.param}")
+
+
+def expected_row(lm: CausalLM, ids: list[int], params: SamplingParams) -> torch.Tensor:
+    return process_logits(reference_next_logits(lm, ids), params)
+
+
+def test_lm_drafter_is_a_drafter(lm):
+    assert isinstance(LMDrafter(lm), Drafter)
+
+
+def test_greedy_chain_equals_sequential_argmax_and_rolls_back(lm):
+    drafter = LMDrafter(lm)
+    context = random_ids(8, seed=30)
+    for ctx in (context, context[:5] + [7, 8], context + [1, 2, 3], context):  # rollback + miss
+        proposal = drafter.propose(ctx, 4, SamplingParams(), session_id="s")
+        text = list(ctx)
+        assert len(proposal.tokens) == 4 and proposal.probs.shape == (4, VOCAB)
+        for token, row in zip(proposal.tokens, proposal.probs):
+            expected = expected_row(lm, text, SamplingParams())
+            torch.testing.assert_close(row, expected)
+            assert token == int(expected.argmax())
+            text.append(token)
+
+
+def test_sampled_chain_rows_are_the_processed_laws_and_seeded(lm):
+    params = SamplingParams(temperature=0.8, top_k=20)
+    drafter = LMDrafter(lm)
+    context = random_ids(6, seed=31)
+    a = drafter.propose(context, 5, params, torch.Generator().manual_seed(4))
+    b = drafter.propose(context, 5, params, torch.Generator().manual_seed(4))
+    assert a.tokens == b.tokens
+    text = list(context)
+    for token, row in zip(a.tokens, a.probs):
+        torch.testing.assert_close(row, expected_row(lm, text, params), atol=ATOL, rtol=0)
+        assert row[token] > 0
+        text.append(token)
+
+
+def test_hidden_states_come_with_the_chain_when_asked(lm):
+    proposal = LMDrafter(lm, with_hidden=True).propose(random_ids(5, seed=32), 3, SamplingParams())
+    assert proposal.hidden.shape == (3, lm.model.config.hidden_size)
+
+
+def test_probs_are_fitted_to_the_verifier_vocabulary(lm):
+    wider = LMDrafter(lm, target_vocab_size=VOCAB + 7).propose(random_ids(4, 33), 2, SamplingParams(temperature=1.0))
+    assert wider.probs.shape == (2, VOCAB + 7)
+    assert torch.all(wider.probs[:, VOCAB:] == 0)
+    torch.testing.assert_close(wider.probs.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("coupling,config", [("independent", (3, 2)), ("without_replacement", (3, 2, 1)), ("hub", (2, 2))])
+def test_tree_draft_rows_are_the_laws_after_each_path(lm, coupling, config):
+    params = SamplingParams(temperature=1.0)
+    drafter = LMDrafter(lm)
+    context = random_ids(7, seed=34)
+    session = drafter.sessions.get("t")
+    tree = drafter.draft_tree(context, config, params, coupling, torch.Generator().manual_seed(5), session_id="t")
+    assert session.forwards <= 1 + len(config)  # prefill + one forward per level
+    assert tree.max_depth == len(config)
+    for parent in [ROOT, *range(len(tree))]:
+        proposals = tree.proposals.get(parent, [])
+        depth = 0 if parent == ROOT else tree.depths[parent]
+        if depth == len(config):
+            assert not proposals
+            continue
+        assert len(proposals) <= config[depth] and proposals
+        assert tree.coupling[parent] == coupling
+        path = [] if parent == ROOT else [tree.tokens[i] for i in tree.path_to(parent)]
+        law = expected_row(lm, context + path, params)
+        for p in proposals:
+            torch.testing.assert_close(p.draft_probs, law, atol=ATOL, rtol=0)
+            assert p.drafter == drafter.name
+        tokens = [tree.tokens[p.child] for p in proposals]
+        if coupling == "without_replacement":
+            assert len(set(tokens)) == len(tokens)
+        if coupling == "hub":
+            assert tree.hub_token[parent] in tokens
+    # the drafter's session was rolled back: a chain afterwards is still exact
+    chain = drafter.propose(context, 2, SamplingParams(), session_id="t")
+    assert chain.tokens[0] == int(reference_next_logits(lm, context).argmax())
+
+
+def test_greedy_tree_merges_duplicate_children(lm):
+    tree = LMDrafter(lm).draft_tree(random_ids(5, seed=35), (3, 3), SamplingParams(), "independent")
+    assert tree.is_chain() and len(tree) == 2  # every sibling is the argmax: merged into one node
+    assert len(tree.proposals[ROOT]) == 3  # but all three proposals are kept (RRS needs them)
+
+
+def test_early_exit_drafter_shapes_and_name():
+    verifier = CausalLM(tiny_model("llama", "sdpa", seed=2), tokenizer=None, name="tiny")
+    drafter = EarlyExitDrafter(verifier, num_layers=1)
+    proposal = drafter.propose(random_ids(6, seed=36), 3, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert drafter.name == "early-exit:1"
+    assert len(proposal.tokens) == 3 and proposal.probs.shape == (3, VOCAB)
+    assert len(verifier.model.model.layers) == 2
+
+
+def test_tokenizer_check_names_both_models():
+    a = CausalLM(tiny_model("llama", "sdpa"), VocabTokenizer({"x": 0, "y": 1}), name="model-A")
+    same = CausalLM(tiny_model("llama", "sdpa"), VocabTokenizer({"x": 0, "y": 1}), name="model-B")
+    moved = CausalLM(tiny_model("llama", "sdpa"), VocabTokenizer({"x": 1, "y": 0}), name="model-C")
+    check_same_tokenizer(a, same)
+    with pytest.raises(TokenizerMismatchError, match="model-A.*model-C"):
+        check_same_tokenizer(a, moved)
