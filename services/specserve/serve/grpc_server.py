@@ -1,0 +1,209 @@
+"""Standalone grpc.aio server: the same GenerationService as the Ray Router, in one process, no Ray.
+
+    specserve serve --standalone --port 50051 [--metrics-port 9400]
+
+Serves `specserve.v1.Generation`, standard `grpc.health.v1.Health` and server reflection, exposes
+Prometheus metrics over HTTP, sets explicit message-size limits and shuts down gracefully (health goes
+NOT_SERVING, new RPCs are refused, running ones get `grace_seconds` to finish).
+
+Requests are deserialized inside the service rather than by grpc, so a malformed message becomes
+INVALID_ARGUMENT naming the request, instead of grpc's generic INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, Field
+
+from ..v1 import generation_pb2 as gen_pb
+from .metrics import ServeMetrics
+from .service import GenerationService, ServiceError
+from .validation import ModelInfo, RequestLimits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = gen_pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "specserve.v1.Generation"
+
+
+class ModelsConfig(BaseModel):
+    verifier: str = "smollm2-135m"  # alias (models/weights.py), local directory or hub id
+    # drafter specs: "ngram" (Max-Gram), "prompt-lookup", "early-exit:N" (the verifier's first N layers),
+    # or another causal LM sharing the verifier's tokenizer
+    drafters: list[str] = Field(default_factory=lambda: ["ngram", "prompt-lookup"])
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_sessions: int = Field(64, ge=1)
+    draft_timeout_s: float | None = Field(None, gt=0)
+
+
+class ServerConfig(BaseModel):
+    address: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # None = no HTTP metrics endpoint
+    # Public messages are small (a prompt, some ids); anything near these limits is a mistake.
+    max_receive_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_send_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_concurrent_requests: int = Field(64, ge=1)
+    grace_seconds: float = Field(5.0, ge=0)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e9 else remaining
+
+
+def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:
+    """The Generation service's RPC handlers over `service` (requests arrive as raw bytes)."""
+
+    async def generate(request: bytes, context: grpc.aio.ServicerContext) -> gen_pb.GenerateResponse:
+        try:
+            return await service.generate(request, timeout=_deadline(context))
+        except ServiceError as e:
+            await context.abort(e.code, e.message)
+
+    async def generate_stream(request: bytes, context: grpc.aio.ServicerContext):
+        try:
+            async for chunk in service.generate_stream(request, timeout=_deadline(context)):
+                yield chunk
+        except ServiceError as e:
+            await context.abort(e.code, e.message)
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                generate, response_serializer=gen_pb.GenerateResponse.SerializeToString
+            ),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                generate_stream, response_serializer=gen_pb.GenerateStreamChunk.SerializeToString
+            ),
+        },
+    )
+
+
+class StandaloneServer:
+    """grpc.aio server around one GenerationService. `await start()` returns the bound port."""
+
+    def __init__(self, service: GenerationService, config: ServerConfig | None = None):
+        self.service = service
+        self.config = config or ServerConfig()
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+
+    async def start(self) -> int:
+        c = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", c.max_receive_message_bytes),
+                ("grpc.max_send_message_length", c.max_send_message_bytes),
+            ]
+        )
+        server.add_generic_rpc_handlers((generation_handler(self.service),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{c.address}:{c.port}")
+        if not self.port:
+            raise OSError(f"cannot bind {c.address}:{c.port}")
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if c.metrics_port is not None:
+            self._metrics_http = self.service.metrics.serve_http(c.metrics_port, c.address)
+        log.info("specserve gRPC on %s:%d (metrics port %s)", c.address, self.port, c.metrics_port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health NOT_SERVING first (load balancers stop sending), then drain."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace_seconds if grace is None else grace)
+        self._server = None
+        if self._metrics_http is not None:
+            http_server, thread = self._metrics_http
+            http_server.shutdown()
+            thread.join(timeout=5)
+            self._metrics_http = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+# ---------------------------------------------------------------- building from config
+
+
+def _make_drafter(spec: str, verifier):
+    from ..models.causal_lm import CausalLM
+    from ..models.drafters import EarlyExitDrafter, LMDrafter, check_same_tokenizer
+    from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
+
+    if spec == "ngram":
+        return MaxGramDrafter(name=spec)
+    if spec == "prompt-lookup":
+        return PromptLookupDrafter(name=spec)
+    if spec.startswith("early-exit:"):
+        return EarlyExitDrafter(verifier, int(spec.split(":", 1)[1]))
+    lm = CausalLM.load(spec, dtype=verifier.dtype)
+    check_same_tokenizer(lm, verifier)
+    return LMDrafter(lm, name=spec, target_vocab_size=verifier.vocab_size)
+
+
+def build_local_service(config: ServerConfig, metrics: ServeMetrics | None = None) -> GenerationService:
+    """Load the verifier and drafters named in `config.models` into in-process backends."""
+    from ..engine.local import LocalDrafter, LocalVerifier
+    from ..engine.loop import DecodeLoop
+    from ..models.causal_lm import CausalLM
+
+    m = config.models
+    lm = CausalLM.load(m.verifier, dtype=m.dtype)
+    drafters = [LocalDrafter(_make_drafter(spec, lm), name=spec) for spec in m.drafters]
+    loop = DecodeLoop(LocalVerifier(lm, max_sessions=m.max_sessions), drafters, draft_timeout_s=m.draft_timeout_s)
+    return GenerationService(
+        loop,
+        lm.tokenizer,
+        model_info_for(lm, tuple(m.drafters)),
+        limits=config.limits,
+        metrics=metrics,
+        max_concurrent_requests=config.max_concurrent_requests,
+    )
+
+
+def model_info_for(lm, drafters: tuple[str, ...]) -> ModelInfo:
+    """Vocabulary = rows of the input embedding (ids beyond it would crash the forward);
+    context = the model's position limit."""
+    cfg = lm.model.config
+    max_context = getattr(cfg, "max_position_embeddings", None) or 2048
+    return ModelInfo(
+        vocab_size=int(lm.model.get_input_embeddings().num_embeddings),
+        max_context=int(max_context),
+        drafters=drafters,
+    )
+
+
+async def serve_standalone(config: ServerConfig, service: GenerationService | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    service = service or build_local_service(config)
+    server = StandaloneServer(service, config)
+    port = await server.start()
+    print(f"specserve: serving specserve.v1.Generation on {config.address}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("specserve: shutting down", flush=True)
+    await server.stop()
