@@ -21,9 +21,10 @@ def autoscaling_config(settings: AutoscalingSettings) -> dict:
         "target_ongoing_requests": settings.target_ongoing_requests,
         "upscale_delay_s": settings.upscale_delay_s,
         "downscale_delay_s": settings.downscale_delay_s,
-        "metrics_interval_s": settings.metrics_interval_s,
         "look_back_period_s": settings.look_back_period_s,
     }
+    if settings.metrics_interval_s is not None:
+        config["metrics_interval_s"] = settings.metrics_interval_s
     if settings.initial_replicas is not None:
         config["initial_replicas"] = settings.initial_replicas
     return config

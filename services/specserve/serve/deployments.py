@@ -37,19 +37,19 @@ def _load_lm(spec: str, models: ModelSettings):
 
 def build_drafter(kind: str, models: ModelSettings):
     """The models-level Drafter behind one drafter deployment."""
-    from ..models import drafters
-
     if kind == "ngram":
-        return drafters.NgramDrafter(max_n=models.ngram_max, name="ngram")
+        from ..models.ngram import PromptLookupDrafter
+
+        return PromptLookupDrafter(min_ngram=1, max_ngram=models.ngram_max, name="ngram")
+    from ..models.drafters import EarlyExitDrafter, LMDrafter
+
     if kind == "small":
         # early exit of the small-drafter model: its first `small_drafter_layers` layers + lm_head
-        from ..models.causal_lm import truncated_copy
-
-        lm = truncated_copy(_load_lm(models.small_drafter, models), models.small_drafter_layers)
-        return drafters.LMDrafter(lm, name="small", max_sessions=models.session_cache_size)
+        lm = _load_lm(models.small_drafter, models)
+        return EarlyExitDrafter(lm, models.small_drafter_layers, max_sessions=models.session_cache_size)
     if kind == "medium":
         lm = _load_lm(models.medium_drafter, models)
-        return drafters.LMDrafter(lm, name="medium", max_sessions=models.session_cache_size)
+        return LMDrafter(lm, name="medium", max_sessions=models.session_cache_size)
     raise ValueError(f"unknown drafter kind {kind!r}")
 
 
@@ -110,6 +110,9 @@ class Verifier:
         reply = await self.worker.verify(convert.verify_call_from_proto(int_pb.VerifyCall.FromString(payload)))
         return convert.verify_reply_to_proto(reply).SerializeToString()
 
+    def end_session(self, session_id: str) -> None:
+        self.worker.end_session(session_id)
+
 
 # ---------------------------------------------------------------- router (gRPC ingress)
 
@@ -150,9 +153,24 @@ class Router:
 
 
 def _make_service(settings: AppSettings, drafters: list, verifier: Any):
-    from .service import GenerationService
+    """GenerationService over the engine's decode loop with remote backends. The router loads the
+    tokenizer and config only (no weights): enough to tokenize and to validate requests."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    return GenerationService.from_backends(settings, drafters=drafters, verifier=verifier)
+    from ..engine.loop import DecodeLoop
+    from ..models.weights import resolve_model
+    from .service import GenerationService
+    from .validation import ModelInfo
+
+    path = resolve_model(settings.models.verifier)
+    config = AutoConfig.from_pretrained(path)
+    model = ModelInfo(
+        vocab_size=config.vocab_size,
+        max_context=getattr(config, "max_position_embeddings", 2048),
+        drafters=tuple(d.name for d in drafters),
+    )
+    loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s)
+    return GenerationService(loop, AutoTokenizer.from_pretrained(path), model)
 
 
 def grpc_status_for(exc: BaseException):

@@ -28,12 +28,14 @@ from typing import Any
 from ..engine.workers import DraftCall, DraftReply, VerifyCall, VerifyReply
 from ..v1 import internal_pb2 as int_pb
 from . import convert
+from .service import VerifierUnavailable
 
 logger = logging.getLogger(__name__)
 
 
-class WorkerUnavailable(RuntimeError):
-    """A drafter or verifier deployment could not answer (dead replica, timeout, no replica)."""
+class WorkerUnavailable(ConnectionError):
+    """A drafter deployment could not answer (dead replica, timeout, no replica).
+    The verifier raises service.VerifierUnavailable (also a ConnectionError -> gRPC UNAVAILABLE)."""
 
 
 async def _call(handle: Any, method: str, payload: bytes, session_id: str, timeout_s: float,
@@ -108,4 +110,12 @@ class RemoteVerifier:
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 logger.warning("verify attempt %d failed after %.2fs: %s", attempt + 1,
                                time.monotonic() - start, errors[-1])
-        raise WorkerUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")
+        raise VerifierUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")
+
+    def end_session(self, session_id: str) -> None:
+        """Free the session's KV cache on the replica that holds it (fire and forget: the LRU
+        evicts it anyway if this message is lost)."""
+        options: dict = {"method_name": "end_session"}
+        if self._affinity and session_id:
+            options["session_id"] = session_id
+        self._handle.options(**options).remote(session_id)

@@ -43,7 +43,9 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
-    metrics_interval_s: float = Field(2.0, gt=0)
+    # how often handles/replicas push load metrics; None = Serve's default (10 s). Serve marks this
+    # field deprecated in favour of env vars but 2.60 still honours it, and tests need it short.
+    metrics_interval_s: float | None = Field(None, gt=0)
     look_back_period_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")

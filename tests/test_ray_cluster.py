@@ -1,0 +1,232 @@
+"""The distributed app on a real (local) Ray cluster, driven through Serve's gRPC proxy.
+
+One Ray session for the module. The model is a tiny random fp32 Llama (tests/test_ray_app.py), so
+the cluster, the transport and the failure handling are what these tests exercise:
+
+* a gRPC client gets streamed tokens, equal to plain greedy decoding;
+* a drafter replica killed mid-generation: same output;
+* every drafter replica killed: verifier-only rounds, same output;
+* the verifier replica killed mid-generation: the request is retried to completion or ends with a
+  clear UNAVAILABLE, never a hang;
+* under drafter load the drafter deployment scales up and back down while the verifier's replica
+  count stays put.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app  # noqa: E402
+from specserve.serve.autoscaling import running_replicas  # noqa: E402
+from specserve.v1 import generation_pb2 as gen_pb  # noqa: E402
+from specserve.v1 import generation_pb2_grpc as gen_grpc  # noqa: E402
+
+from test_ray_app import PROMPT, save_tiny_model, tiny_settings  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+APP = "specserve"
+MAX_NEW = 40
+
+
+def free_port(start: int) -> int:
+    for port in range(start, start + 500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model_dir = save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    grpc_port = free_port(20100)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port(grpc_port + 1)},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]},
+    )
+    try:
+        yield {"model_dir": model_dir, "grpc_port": grpc_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(cluster):
+    settings = tiny_settings(cluster["model_dir"], drafters=["ngram", "small"], draft_timeout_s=3.0,
+                             verify_timeout_s=15.0)
+    serve.run(build_app(settings), name=APP, route_prefix="/specserve")
+    channel = grpc.insecure_channel(f"127.0.0.1:{cluster['grpc_port']}")
+    yield gen_grpc.GenerationStub(channel)
+    channel.close()
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(cluster) -> list[int]:
+    from specserve.models.causal_lm import CausalLM
+
+    lm = CausalLM.load(cluster["model_dir"], dtype="float32")
+    return lm.plain_generate(PROMPT, MAX_NEW, stop_ids=())
+
+
+def greedy_request(**fields) -> gen_pb.GenerateRequest:
+    return gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=PROMPT), rule="greedy", max_new_tokens=MAX_NEW,
+                                  seed=11, **fields)
+
+
+METADATA = (("application", APP),)
+
+
+def replica_actors(deployment: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and f"#{deployment}#" in a["name"]]
+
+
+def kill_replicas(deployment: str) -> int:
+    names = replica_actors(deployment)
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return len(names)
+
+
+def expected(plain: list[int], got: list[int]) -> list[int]:
+    # the tiny model's eos (2) ends generation early in both decoders
+    return plain[: len(got)] if got and got[-1] == 2 else plain
+
+
+def stream(stub, request, after_first_chunk=None, timeout=90):
+    chunks = []
+    for chunk in stub.GenerateStream(request, metadata=METADATA, timeout=timeout):
+        chunks.append(chunk)
+        if len(chunks) == 1 and after_first_chunk:
+            after_first_chunk()
+    return chunks
+
+
+def test_grpc_stream_equals_plain_greedy(app, plain_greedy):
+    chunks = stream(app, greedy_request())
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == expected(plain_greedy, tokens)
+    assert len(chunks) >= 3  # one chunk per round + the final stats chunk
+    assert chunks[-1].stats.generated_tokens == len(tokens)
+    assert chunks[-1].stats.drafted > 0  # remote drafters took part
+
+
+def test_grpc_unary_and_invalid_argument(app, plain_greedy):
+    reply = app.Generate(greedy_request(), metadata=METADATA, timeout=60)
+    assert list(reply.token_ids) == expected(plain_greedy, list(reply.token_ids))
+    with pytest.raises(grpc.RpcError) as info:
+        app.Generate(gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=[10_000]), rule="greedy"),
+                     metadata=METADATA, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_drafter_replica_killed_mid_generation_same_output(app, plain_greedy):
+    killed = []
+    chunks = stream(app, greedy_request(), after_first_chunk=lambda: killed.append(kill_replicas("SmallDrafter")))
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert killed == [1]
+    assert tokens == expected(plain_greedy, tokens)
+    wait_for(lambda: running_replicas(APP).get("SmallDrafter", 0) >= 1, 60, "SmallDrafter to come back")
+
+
+def test_all_drafters_gone_falls_back_to_verifier_only(app, plain_greedy):
+    assert kill_replicas("SmallDrafter") + kill_replicas("NgramDrafter") == 2
+    chunks = stream(app, greedy_request())
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == expected(plain_greedy, tokens)
+    rounds = [c.round for c in chunks if c.HasField("round")]
+    assert any(r.num_drafted == 0 and len(c.token_ids) == 1 for r, c in zip(rounds, chunks))
+    wait_for(lambda: min(running_replicas(APP).get(d, 0) for d in ("SmallDrafter", "NgramDrafter")) >= 1,
+             60, "drafters to come back")
+
+
+def test_verifier_killed_is_retried_or_unavailable(app, plain_greedy):
+    killed = []
+    try:
+        chunks = stream(app, greedy_request(), after_first_chunk=lambda: killed.append(kill_replicas("Verifier")))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == expected(plain_greedy, tokens)  # retried on the restarted replica
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    assert killed == [1]
+    wait_for(lambda: running_replicas(APP).get("Verifier", 0) >= 1, 60, "Verifier to come back")
+    # and the app serves again
+    reply = app.Generate(greedy_request(), metadata=METADATA, timeout=60)
+    assert list(reply.token_ids) == expected(plain_greedy, list(reply.token_ids))
+
+
+def test_drafters_autoscale_independently_of_the_verifier(cluster):
+    fast = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
+            "look_back_period_s": 1.0}
+    settings = tiny_settings(
+        cluster["model_dir"],
+        drafters=["ngram"],
+        name="autoscale",
+        ngram={"max_ongoing_requests": 2,
+               "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **fast}},
+        # the verifier may scale too, but only on its own (absent) load
+        verifier={"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **fast}},
+    )
+    serve.run(build_app(settings), name="autoscale", route_prefix="/autoscale")
+    try:
+        from specserve.engine.workers import DraftCall
+        from specserve.sampling.params import SamplingParams
+        from specserve.serve import convert
+
+        drafter = serve.get_deployment_handle("NgramDrafter", app_name="autoscale")
+        payload = convert.draft_call_to_proto(
+            DraftCall("load", PROMPT * 20, 4, SamplingParams(), seed=1)).SerializeToString()
+        stop = threading.Event()
+
+        def load():  # keep ~8 drafter calls in flight (queued at the handle) until told to stop
+            while not stop.is_set():
+                responses = [drafter.draft.remote(payload) for _ in range(8)]
+                for r in responses:
+                    r.result(timeout_s=30)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) >= 2 else None)(
+                running_replicas("autoscale")), 60, "NgramDrafter to scale up")
+            assert counts["Verifier"] == 1
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) == 1 else None)(
+            running_replicas("autoscale")), 60, "NgramDrafter to scale back down")
+        assert counts["Verifier"] == 1
+    finally:
+        serve.delete("autoscale")
