@@ -46,6 +46,7 @@ class RoundResult:
     finish_reason: str = ""  # "length" | "stop" | ""
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    drafted_depth: int = 0  # deepest draft node this round (0 = verifier-only round)
 
 
 @dataclass
@@ -61,6 +62,38 @@ class GenerationStats:
     seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+
+    def add_round(self, result: RoundResult, seconds: float = 0.0) -> None:
+        """Fold one round in. Per-position counts: a round *offers* positions 1..drafted_depth and
+        accepts positions 1..num_accepted, so accepted/drafted at index d - 1 is the rate at which
+        position d survives verification when it was drafted (vLLM's per-position acceptance)."""
+        self.rounds += 1
+        self.generated += len(result.tokens)
+        self.drafted += result.num_drafted
+        self.accepted += result.num_accepted
+        for counts, upto in (
+            (self.drafted_per_position, result.drafted_depth),
+            (self.accepted_per_position, result.num_accepted),
+        ):
+            counts.extend([0] * (upto - len(counts)))
+            for d in range(upto):
+                counts[d] += 1
+        for name, n in result.drafted_by_drafter.items():
+            self.drafted_by_drafter[name] = self.drafted_by_drafter.get(name, 0) + n
+        for name, n in result.accepted_by_drafter.items():
+            self.accepted_by_drafter[name] = self.accepted_by_drafter.get(name, 0) + n
+        self.seconds += seconds
+        self.draft_seconds += result.draft_seconds
+        self.verify_seconds += result.verify_seconds
+
+    def acceptance_rate(self, drafter: str) -> float:
+        """Accepted / proposed tokens of one drafter (0 when it proposed nothing)."""
+        drafted = self.drafted_by_drafter.get(drafter, 0)
+        return self.accepted_by_drafter.get(drafter, 0) / drafted if drafted else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
 
     @property
     def tokens_per_step(self) -> float:

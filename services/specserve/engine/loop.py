@@ -1,0 +1,186 @@
+"""The decode loop: draft -> merge into one tree -> one verifier pass -> accept -> commit.
+
+ONE loop for every deployment: it talks to drafters and to the verifier only through the
+message-passing backends of engine/workers.py, so the same code runs in one process (local
+backends, engine/local.py) and in the Ray Serve router (remote backends).
+
+Fault tolerance lives here: a drafter that raises or misses its deadline is dropped for the
+round and the round goes on with the others; with no drafter left it is a verifier-only
+round (plain decoding, one token). Drafters change speed, never the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+
+from ..cascade.draft_length import DraftLengthPolicy
+from ..tree.token_tree import Coupling, TokenTree
+from .merge import drafted_by_drafter, merge_trees
+from .types import GenerationRequest, GenerationStats, RoundResult
+from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
+
+log = logging.getLogger(__name__)
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """A well-mixed 63-bit seed for (request seed, round); numpy's SeedSequence does the hashing,
+    so retried or re-routed calls of the same round draw the same numbers."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, round_index]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def coupling_for(rule: str) -> Coupling:
+    from ..sampling import coupling_for_rule  # the rule decides how siblings must be drawn
+
+    return coupling_for_rule(rule)
+
+
+class DecodeLoop:
+    """Speculative decoding over any drafter/verifier backends.
+
+    draft_timeout_s: a drafter's deadline per round (None = wait for it).
+    dynamic_length: choose each round's depth with cascade/draft_length.py (request.draft_length
+    is then the maximum); False drafts exactly request.draft_length every round.
+    """
+
+    def __init__(
+        self,
+        verifier: VerifierBackend,
+        drafters: Sequence[DrafterBackend] = (),
+        *,
+        draft_timeout_s: float | None = None,
+        dynamic_length: bool = True,
+        node_cost: float = 0.01,
+    ) -> None:
+        names = [d.name for d in drafters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"drafter names must be unique, got {names}")
+        self.verifier = verifier
+        self.drafters = list(drafters)
+        self.draft_timeout_s = draft_timeout_s
+        self.dynamic_length = dynamic_length
+        self.node_cost = node_cost
+
+    def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
+        if request.drafters is None:
+            return list(self.drafters)
+        known = {d.name: d for d in self.drafters}
+        unknown = [n for n in request.drafters if n not in known]
+        if unknown:
+            raise ValueError(f"drafters: unknown drafter(s) {unknown}; available: {sorted(known)}")
+        return [known[n] for n in request.drafters]
+
+    async def _draft_one(self, drafter: DrafterBackend, call: DraftCall) -> DraftReply | None:
+        try:
+            if self.draft_timeout_s is None:
+                return await drafter.draft(call)
+            return await asyncio.wait_for(drafter.draft(call), self.draft_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any drafter failure only costs speed
+            log.warning("drafter %s dropped for this round: %r", drafter.name, exc)
+            return None
+
+    async def rounds(
+        self, request: GenerationRequest, stats: GenerationStats | None = None
+    ) -> AsyncIterator[RoundResult]:
+        """Run the request round by round, yielding what each round committed.
+        `stats`, when given, is updated in place as rounds complete."""
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if not request.prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        drafters = self.chosen_drafters(request)
+        coupling = coupling_for(request.rule)
+        seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
+        session_id = request.session_id or uuid.uuid4().hex
+        stops = set(request.stop_token_ids)
+        max_depth = len(request.tree_config) if request.tree_config else request.draft_length
+        policy = DraftLengthPolicy(max_depth, node_cost=self.node_cost) if self.dynamic_length else None
+        committed = list(request.prompt_ids)
+        generated = 0
+        round_index = 0
+        nodes_per_position = 1.0
+        while generated < request.max_new_tokens:
+            started = time.perf_counter()
+            remaining = request.max_new_tokens - generated
+            # the correction/bonus token is free, so never draft past remaining - 1
+            depth = policy.next_length(nodes_per_position) if policy else max_depth
+            depth = min(depth, remaining - 1) if drafters else 0
+            rseed = round_seed(seed, round_index)
+
+            trees: list[TokenTree] = []
+            draft_seconds = 0.0
+            if depth > 0:
+                call = DraftCall(
+                    session_id=session_id,
+                    committed=list(committed),
+                    num_tokens=depth,
+                    sampling=request.sampling,
+                    seed=rseed,
+                    tree_config=tuple(request.tree_config[:depth]) if request.tree_config else None,
+                    coupling=coupling,
+                )
+                replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
+                trees = [r.tree for r in replies if r is not None]
+                draft_seconds = time.perf_counter() - started
+            tree = merge_trees(trees, max_depth=depth)
+
+            verify_started = time.perf_counter()
+            reply = await self.verifier.verify(
+                VerifyCall(
+                    session_id=session_id,
+                    committed=list(committed),
+                    tree=tree,
+                    sampling=request.sampling,
+                    rule=request.rule,
+                    rule_params=request.rule_params,
+                    seed=rseed,
+                )
+            )
+            verify_seconds = time.perf_counter() - verify_started
+
+            tokens = list(reply.tokens[:remaining])
+            finish_reason = ""
+            for i, tok in enumerate(tokens):
+                if tok in stops:  # the stop token is emitted and ends generation
+                    tokens, finish_reason = tokens[: i + 1], "stop"
+                    break
+            committed.extend(tokens)
+            generated += len(tokens)
+            if not finish_reason and generated >= request.max_new_tokens:
+                finish_reason = "length"
+            num_accepted = len(reply.path)
+            if policy is not None:
+                policy.record(tree.max_depth, num_accepted, draft_seconds, verify_seconds)
+            if tree.max_depth:
+                nodes_per_position = len(tree) / tree.max_depth
+            result = RoundResult(
+                tokens=tokens,
+                num_drafted=len(tree),
+                num_accepted=num_accepted,
+                accepted_by_drafter=dict(reply.accepted_by_drafter),
+                drafted_by_drafter=drafted_by_drafter(tree),
+                finished=bool(finish_reason),
+                finish_reason=finish_reason,
+                draft_seconds=draft_seconds,
+                verify_seconds=verify_seconds,
+                drafted_depth=tree.max_depth,
+            )
+            if stats is not None:
+                stats.add_round(result, time.perf_counter() - started)
+            round_index += 1
+            yield result
+            if finish_reason:
+                return
+
+    async def generate(self, request: GenerationRequest) -> tuple[list[int], GenerationStats]:
+        stats = GenerationStats()
+        tokens: list[int] = []
+        async for result in self.rounds(request, stats):
+            tokens.extend(result.tokens)
+        return tokens, stats
