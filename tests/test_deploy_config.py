@@ -1,0 +1,89 @@
+"""deploy/*.yaml stay in sync with the code and are valid Serve configs.
+
+The files are `serve build` output plus overlays (serve/app.py `render_config`); here they are
+regenerated in-process and compared, so a change to a deployment name, an import path, the
+autoscaling defaults or the actor options that is not followed by `python -m specserve.serve.app
+--write deploy/` fails CI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from specserve.serve.app import CONFIGS, GRPC_SERVICER_FUNCTION, build_app, render_config  # noqa: E402
+from specserve.serve.settings import DEPLOYMENT_NAMES, AppSettings  # noqa: E402
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def load(profile: str) -> dict:
+    return yaml.safe_load((DEPLOY / CONFIGS[profile]["file"]).read_text())
+
+
+@pytest.mark.parametrize("profile", sorted(CONFIGS))
+def test_checked_in_config_equals_serve_build_output(profile):
+    assert load(profile) == render_config(profile), (
+        f"deploy/{CONFIGS[profile]['file']} is stale: run `python -m specserve.serve.app --write deploy/`"
+    )
+
+
+@pytest.mark.parametrize("profile", sorted(CONFIGS))
+def test_config_validates_and_matches_settings(profile):
+    config = load(profile)
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == CONFIGS[profile]["import_path"]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER_FUNCTION]
+    if profile == "cpu":
+        assert config["grpc_options"]["port"] >= 20000
+
+    settings = AppSettings.model_validate({"profile": profile})
+    roles = [*settings.drafters, "verifier", "router"]
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert set(deployments) == {DEPLOYMENT_NAMES[r] for r in roles}
+    for role in roles:
+        d = deployments[DEPLOYMENT_NAMES[role]]
+        spec = settings.deployment(role)
+        assert d["autoscaling_config"]["min_replicas"] == spec.autoscaling.min_replicas
+        assert d["autoscaling_config"]["max_replicas"] == spec.autoscaling.max_replicas
+        assert d["ray_actor_options"]["num_cpus"] == spec.num_cpus
+        assert d["ray_actor_options"].get("num_gpus", 0.0) == spec.num_gpus
+        # workers route by session id (KV-cache affinity); the router is the ingress
+        assert ("request_router_config" in d) == (role != "router")
+
+
+def test_import_paths_resolve_to_applications():
+    import importlib
+
+    for spec in CONFIGS.values():
+        module, attr = spec["import_path"].split(":")
+        assert type(getattr(importlib.import_module(module), attr)).__name__ == "Application"
+
+
+def test_gpu_profile_puts_models_on_gpus():
+    settings = AppSettings.model_validate({"profile": "gpu"})
+    assert settings.verifier.num_gpus == 1.0 and settings.ngram.num_gpus == 0.0
+    assert settings.models.device == "cuda" and settings.drafters == ("ngram", "small", "medium")
+    # explicit values still win over the profile
+    custom = AppSettings.model_validate({"profile": "gpu", "verifier": {"num_gpus": 2}})
+    assert custom.verifier.num_gpus == 2 and custom.verifier.autoscaling.max_replicas == 2
+
+
+def test_settings_reject_unknown_and_inconsistent_fields():
+    with pytest.raises(ValueError):
+        AppSettings.model_validate({"drafterz": ["ngram"]})
+    with pytest.raises(ValueError):
+        AppSettings.model_validate({"drafters": ["ngram", "ngram"]})
+    with pytest.raises(ValueError):
+        AppSettings.model_validate({"ngram": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    with pytest.raises(ValueError):
+        build_app({"drafters": ["huge"]})
