@@ -1,0 +1,74 @@
+"""Dynamic draft length: the expected-gain model and its switch-off/probe behaviour."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from specserve.cascade.draft_length import DraftLengthPolicy
+from specserve.sampling.closed_form import expected_tokens_per_call
+
+
+def feed_iid(policy: DraftLengthPolicy, alpha: float, rounds: int, depth: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        accepted = 0
+        while accepted < depth and rng.random() < alpha:
+            accepted += 1
+        policy.record(depth, accepted)
+
+
+def test_expected_tokens_matches_leviathan_closed_form():
+    """With every position's rate = alpha, E[tokens/step] = (1 - alpha^(k+1)) / (1 - alpha)."""
+    policy = DraftLengthPolicy(8, prior_accept=0.8, prior_weight=1.0)
+    for k in range(9):
+        assert policy.expected_tokens(k) == pytest.approx(expected_tokens_per_call(0.8, k))
+    assert policy.expected_tokens(4) == pytest.approx(3.3616)  # ALGORITHMS.md 0.4 check value
+
+
+def test_learns_per_position_rates():
+    policy = DraftLengthPolicy(4, forget=1.0)
+    feed_iid(policy, 0.7, 4000, 4)
+    for d in range(1, 5):
+        assert policy.acceptance(d) == pytest.approx(0.7, abs=0.04)
+
+
+def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
+    deep = DraftLengthPolicy(8, node_cost=0.01)
+    feed_iid(deep, 0.9, 300, 8)
+    assert deep.next_length() == 8
+    shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost=0.3)  # e.g. an LM drafter
+    feed_iid(shallow, 0.6, 300, 8)
+    k = shallow.next_length()
+    assert 1 <= k <= 3
+    # k maximises T(k); its neighbours are no better
+    value = lambda j: shallow.expected_tokens(j) / shallow.cost(j)  # noqa: E731
+    assert value(k) >= max(value(j) for j in range(9))
+
+
+def test_speculation_turns_off_when_it_does_not_pay_and_probes_again():
+    policy = DraftLengthPolicy(4, node_cost=0.05, probe_every=5)
+    feed_iid(policy, 0.0, 200, 4)  # nothing is ever accepted
+    lengths = [policy.next_length() for _ in range(10)]
+    assert lengths == [0, 0, 0, 0, 4, 0, 0, 0, 0, 4]  # off, with a full-depth probe every 5 rounds
+    feed_iid(policy, 1.0, 60, 4)  # the text became predictable (e.g. copying the prompt)
+    assert policy.next_length() == 4
+
+
+def test_verifier_only_rounds_are_not_evidence():
+    policy = DraftLengthPolicy(3)
+    before = (list(policy.reached), list(policy.accepted))
+    policy.record(0, 0, draft_seconds=0.0, verify_seconds=1.0)
+    assert (policy.reached, policy.accepted) == before
+
+
+def test_measured_draft_cost_is_smoothed_ratio():
+    policy = DraftLengthPolicy(4, cost_smoothing=1.0)
+    policy.record(4, 2, draft_seconds=0.4, verify_seconds=0.5)
+    assert policy.draft_cost == pytest.approx(0.4 / (4 * 0.5))
+
+
+def test_negative_max_length_is_refused():
+    with pytest.raises(ValueError, match="max_length"):
+        DraftLengthPolicy(-1)
