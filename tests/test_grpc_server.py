@@ -79,6 +79,9 @@ def test_stop_sequence_and_stop_token(client):
     reply = client.generate(PROMPT, max_new_tokens=60, stop=[stop, "never-there"])
     assert reply.finish_reason == gen_pb.FINISH_REASON_STOP_SEQUENCE
     assert reply.text == full[: full.find(stop)]
+    # ids end with the token that completed the stop sequence, even mid-round (one char per token here)
+    assert list(reply.token_ids) == list(full[: full.find(stop) + 3].encode())
+    assert reply.stats.generated_tokens == len(reply.token_ids)
     # streamed text never shows a prefix of the stop sequence that later completes it
     streamed = "".join(c.text for c in client.generate_stream(PROMPT, max_new_tokens=60, stop=[stop]))
     assert streamed == reply.text
@@ -278,3 +281,23 @@ def test_eos_ends_generation_and_is_not_in_the_text():
     assert list(reply.token_ids) == want + [EOS]
     assert reply.finish_reason == gen_pb.FINISH_REASON_STOP
     assert reply.text == bytes(want).decode() == byte_tokenizer().decode(want)
+
+
+def test_a_failure_before_the_engine_is_internal_without_trace():
+    service = make_service()
+
+    class BrokenTokenizer(type(service.tokenizer)):
+        def encode(self, *args, **kwargs):
+            raise RuntimeError("secret tokenizer state")
+
+    service.tokenizer.__class__ = BrokenTokenizer
+    with ServerThread(service) as s, SpecServeClient(s.target, timeout=10) as c:
+        with pytest.raises(SpecServeError) as err:
+            c.generate(PROMPT, max_new_tokens=5)
+        assert err.value.code == grpc.StatusCode.INTERNAL and err.value.details.startswith("internal error (incident")
+        assert "secret" not in err.value.details
+        # token-id prompts do not touch the tokenizer's encode: still served
+        assert list(c.generate(PROMPT_IDS, max_new_tokens=3).token_ids) == expected_continuation(PROMPT_IDS, 3)
+        # chat needs a chat template: the byte tokenizer has none
+        with pytest.raises(SpecServeError, match="INVALID_ARGUMENT: chat:"):
+            c.generate(PROMPT, chat=True)

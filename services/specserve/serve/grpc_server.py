@@ -63,11 +63,16 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:
     """The Generation service's RPC handlers over `service` (requests arrive as raw bytes)."""
 
+    # GenerationService raises only ServiceError; the last resort keeps grpc from putting an unexpected
+    # exception's text into the status details.
     async def generate(request: bytes, context: grpc.aio.ServicerContext) -> gen_pb.GenerateResponse:
         try:
             return await service.generate(request, timeout=_deadline(context))
         except ServiceError as e:
             await context.abort(e.code, e.message)
+        except Exception:  # noqa: BLE001
+            log.exception("Generate failed outside the service")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     async def generate_stream(request: bytes, context: grpc.aio.ServicerContext):
         try:
@@ -75,6 +80,9 @@ def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:
                 yield chunk
         except ServiceError as e:
             await context.abort(e.code, e.message)
+        except Exception:  # noqa: BLE001
+            log.exception("GenerateStream failed outside the service")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,

@@ -92,24 +92,34 @@ class _TextStream:
         self.text = ""  # text emitted so far
         self.stopped = False
 
-    def _decode(self) -> str:
-        return self._tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
-    def add(self, new_ids: Sequence[int]) -> str:
-        """Returns the text delta that is safe to emit now; sets `stopped` on a stop sequence."""
+    def _stop_at(self, text: str, start: int) -> int:
+        hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def add(self, new_ids: Sequence[int]) -> tuple[str, int]:
+        """(text delta safe to emit now, how many of `new_ids` to keep). On a stop sequence `stopped`
+        is set and only the ids up to the one that completed it are kept (a round commits several)."""
+        before = len(self.ids)
         self.ids.extend(new_ids)
-        full = self._decode()
+        full = self._decode(self.ids)
         start = max(0, len(self.text) - self._holdback)
-        hits = [i for i in (full.find(s, start) for s in self._stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._emit(full[: min(hits)])
-        stable = full.rstrip("\ufffd")
-        return self._emit(stable[: len(stable) - self._holdback] if self._holdback else stable)
+        cut = self._stop_at(full, start)
+        if cut < 0:
+            stable = full.rstrip("\ufffd")
+            return self._emit(stable[: len(stable) - self._holdback] if self._holdback else stable), len(new_ids)
+        self.stopped = True
+        keep = next(
+            j for j in range(1, len(new_ids) + 1) if self._stop_at(self._decode(self.ids[: before + j]), start) >= 0
+        )
+        del self.ids[before + keep:]
+        return self._emit(full[:cut]), keep
 
     def finish(self) -> str:
         """At the end of generation: whatever was held back."""
-        return "" if self.stopped else self._emit(self._decode())
+        return "" if self.stopped else self._emit(self._decode(self.ids))
 
     def _emit(self, upto: str) -> str:
         if len(upto) <= len(self.text):
@@ -176,7 +186,12 @@ class GenerationService:
         started = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
         req = self._parse(request)
-        prepared = self._prepare(req, started)  # all validation happens here, before any model work
+        try:
+            prepared = self._prepare(req, started)  # all validation happens here, before any model work
+        except ServiceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: a status, never a trace
+            raise self._internal(e, req.session_id) from e
         if self._running >= self.max_concurrent_requests:
             self._count(prepared.rule, grpc.StatusCode.RESOURCE_EXHAUSTED)
             raise ServiceError(
@@ -201,9 +216,7 @@ class GenerationService:
                 log.warning("request %s: backend unavailable: %r", prepared.request.session_id, e)
                 raise ServiceError(status, "verifier unavailable; retry later") from e
             status = grpc.StatusCode.INTERNAL
-            incident = uuid.uuid4().hex[:12]
-            log.exception("request %s failed (incident %s)", prepared.request.session_id, incident)
-            raise ServiceError(status, f"internal error (incident {incident})") from e
+            raise self._internal(e, prepared.request.session_id) from e
         finally:
             self._end_session(prepared)
             self._running -= 1
@@ -283,12 +296,12 @@ class GenerationService:
                 if result.tokens and not ttft:
                     ttft = now - p.started
                     self.metrics.time_to_first_token.labels(p.rule).observe(ttft)
+                delta, keep = text.add(result.tokens)
                 chunk = gen_pb.GenerateStreamChunk(
-                    token_ids=result.tokens,
-                    text=text.add(result.tokens),
-                    round=convert.round_stats_to_proto(result),
+                    token_ids=result.tokens[:keep], text=delta, round=convert.round_stats_to_proto(result)
                 )
                 if text.stopped:
+                    p.stats.generated -= len(result.tokens) - keep  # count what the client gets
                     finish = gen_pb.FINISH_REASON_STOP_SEQUENCE
                     yield chunk
                     break
@@ -306,6 +319,13 @@ class GenerationService:
             ),
             session_id=p.request.session_id,
         )
+
+    @staticmethod
+    def _internal(exc: BaseException, session_id: str) -> ServiceError:
+        """Log the trace here, under an incident id the client can quote; send only the id."""
+        incident = uuid.uuid4().hex[:12]
+        log.error("request %s failed (incident %s)", session_id, incident, exc_info=exc)
+        return ServiceError(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
 
     def _end_session(self, p: _Prepared) -> None:
         """Free the verifier's KV cache of a server-named session (a client-named one is kept for reuse;
