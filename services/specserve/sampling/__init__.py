@@ -32,7 +32,15 @@ from .mcsd import (
     ti_roots_lossy,
     train_decision_model,
 )
-from .multidraft import hub_token, rrs_verify, sample_siblings, spechub_verify
+from .multidraft import (
+    draw_hub_pair,
+    draw_independent,
+    draw_without_replacement,
+    hub_token,
+    rrs_verify,
+    sample_siblings,
+    spechub_verify,
+)
 from .params import SamplingParams, process_logits
 from .rules import (
     accept_or_recover,

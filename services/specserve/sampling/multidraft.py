@@ -126,6 +126,37 @@ def hub_token(d: torch.Tensor) -> int:
     return int(d.argmax(-1))
 
 
+def draw_independent(probs: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
+    """k i.i.d. draws per sample: probs [V], uniforms u [B, k] -> tokens [B, k]."""
+    batch = u.shape[0]
+    flat = probs.float().unsqueeze(0).expand(batch * k, -1)
+    return sample_rows(flat, u.reshape(-1)).reshape(batch, k)
+
+
+def draw_without_replacement(probs: torch.Tensor, k: int, u: torch.Tensor) -> torch.Tensor:
+    """Gumbel top-k (= sequential sampling without replacement): u [B, V] -> tokens [B, k'],
+    k' = min(k, support size); zero-probability tokens are never drawn."""
+    probs = probs.double()
+    k = min(k, int((probs > 0).sum()))
+    gumbel = -torch.log(-torch.log(u.double().clamp_min(1e-300)))
+    keys = torch.where(probs > 0, probs.log() + gumbel, torch.full_like(gumbel, -torch.inf))
+    return torch.topk(keys, k, dim=-1).indices
+
+
+def draw_hub_pair(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """SpecHub coupling: u [B, 2] -> (x1 [B], x2 [B], hub a). x1 ~ d; x2 = a if x1 != a,
+    else x2 ~ d restricted to V minus {a}. Requires d(a) < 1."""
+    probs = probs.float()
+    a = hub_token(probs)
+    batch = u.shape[0]
+    x1 = sample_rows(probs.unsqueeze(0).expand(batch, -1), u[:, 0])
+    rest = probs.clone()
+    rest[a] = 0.0
+    other = sample_rows(rest.unsqueeze(0).expand(batch, -1), u[:, 1])
+    x2 = torch.where(x1 == a, other, torch.full_like(x1, a))
+    return x1, x2, a
+
+
 def sample_siblings(
     probs: torch.Tensor, k: int, coupling: Coupling, generator: torch.Generator | None
 ) -> tuple[list[int], int | None]:
@@ -139,29 +170,21 @@ def sample_siblings(
       hub (k must be 2): x1 ~ d; x2 = a if x1 != a, else x2 ~ d restricted to V minus {a}.
         If d puts all mass on a there is no second child: returns ([a], None), a plain chain.
     """
-    probs = probs.float()
     if k < 1:
         return [], None
     if coupling == "independent":
-        v = torch.rand(k, generator=generator, dtype=torch.float64)
-        return sample_rows(probs.unsqueeze(0).expand(k, -1), v).tolist(), None
+        u = torch.rand(1, k, generator=generator, dtype=torch.float64)
+        return draw_independent(probs, k, u)[0].tolist(), None
     if coupling == "without_replacement":
-        support = int((probs > 0).sum())
-        u = torch.rand(probs.shape, generator=generator, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        keys = torch.where(probs > 0, probs.double().log() + gumbel, torch.full_like(gumbel, -torch.inf))
-        return torch.topk(keys, min(k, support)).indices.tolist(), None
+        u = torch.rand(1, probs.shape[-1], generator=generator, dtype=torch.float64)
+        return draw_without_replacement(probs, k, u)[0].tolist(), None
     if coupling == "hub":
         if k != 2:
             raise ValueError(f"hub coupling is binary (k = 2), got k = {k}")
         a = hub_token(probs)
-        v = torch.rand(2, generator=generator, dtype=torch.float64)
-        x1 = int(sample_rows(probs.unsqueeze(0), v[:1])[0])
-        if x1 != a:
-            return [x1, a], a
-        rest = probs.clone()
-        rest[a] = 0.0
-        if float(rest.sum()) <= 0.0:
+        if float(probs[a]) >= 1.0 or int((probs > 0).sum()) < 2:
             return [a], None
-        return [a, int(sample_rows(rest.unsqueeze(0), v[1:])[0])], a
+        u = torch.rand(1, 2, generator=generator, dtype=torch.float64)
+        x1, x2, a = draw_hub_pair(probs, u)
+        return [int(x1[0]), int(x2[0])], a
     raise ValueError(f"unknown coupling {coupling!r}")

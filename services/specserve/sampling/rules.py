@@ -59,13 +59,12 @@ def sample_rows(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     does not lose its tail. A token with probability 0 can never be returned: its CDF step is
     empty, and the final clamp maps a rounding overshoot to the last token with mass.
     """
-    probs = probs.double()
-    cdf = probs.cumsum(-1)
-    target = v.double().unsqueeze(-1) * cdf[..., -1:]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    vocab = probs.shape[-1]
-    last_with_mass = vocab - 1 - (probs > 0).flip(-1).long().argmax(-1)
-    return torch.minimum(idx, last_with_mass)
+    cdf = probs.double().cumsum(-1)
+    total = cdf[..., -1:]
+    idx = torch.searchsorted(cdf, (v.double().unsqueeze(-1) * total).contiguous(), right=True)
+    # the CDF first reaches its total at the last token with mass (trailing zeros add nothing)
+    last_with_mass = torch.searchsorted(cdf, total.contiguous(), right=False)
+    return torch.minimum(idx, last_with_mass).squeeze(-1)
 
 
 def sample_row(probs: torch.Tensor, generator: torch.Generator | None) -> int:
