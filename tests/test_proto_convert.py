@@ -116,3 +116,21 @@ def test_malformed_trees_are_refused(mutate, message):
     mutate(msg)
     with pytest.raises(ValueError, match=message):
         convert.tree_from_proto(msg)
+
+
+def test_wire_sizes_at_a_real_vocabulary_size():
+    """SmolLM2's V = 49152, one 4-token chain: what a VerifyCall's tree costs per rule (printed)."""
+    vocab = 49152
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    sizes = {}
+    for label, params in (("full", SamplingParams(temperature=1.0)), ("top_k=50", SamplingParams(0.7, top_k=50)),
+                          ("top_p=0.9", SamplingParams(0.7, top_p=0.9))):
+        tree = TokenTree()
+        tree.add_sequence([1, 2, 3, 4], process_logits(logits, params), drafter="lm")
+        for rule in ("sps", "cactus", "greedy"):
+            sizes[label, rule] = convert.tree_to_proto(tree, convert.row_encoding_for_rule(rule)).ByteSize()
+    print("\n" + "; ".join(f"{label}/{rule}: {n / 1024:.1f} KiB" for (label, rule), n in sizes.items()))
+    assert sizes["full", "sps"] > 4 * vocab * 4  # dense fp32, exact
+    assert sizes["full", "cactus"] < 0.51 * sizes["full", "sps"]  # fp16
+    assert sizes["top_k=50", "sps"] < 4 * 50 * 8 + 256  # sparse: 8 bytes per kept entry
+    assert max(sizes["full", "greedy"], sizes["top_k=50", "greedy"]) < 128  # ids only

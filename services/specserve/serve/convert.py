@@ -82,9 +82,9 @@ def row_from_proto(msg: int_pb.ProbRow) -> torch.Tensor:
         raise ValueError("sparse row: indices and values differ in length")
     if len(indices) and (indices.min() < 0 or indices.max() >= msg.vocab_size):
         raise ValueError("sparse row: index outside the vocabulary")
-    row = torch.zeros(msg.vocab_size, dtype=torch.float32)
-    row[torch.from_numpy(indices.astype(np.int64))] = torch.from_numpy(values)
-    return row
+    row = np.zeros(msg.vocab_size, dtype=np.float32)  # numpy: no torch intra-op thread start-up per row
+    row[indices] = values
+    return torch.from_numpy(row)
 
 
 # ---------------------------------------------------------------- token trees
