@@ -60,6 +60,10 @@ def test_sync_client_stops_early_without_leaking_the_request(server):
         stream.close()  # cancels the RPC
         reply = client.generate("after", max_new_tokens=4)
         assert list(reply.token_ids) == expected_continuation(list(b"after"), 4)
+    deadline = time.monotonic() + 10
+    while server.server.service._running:  # the cancelled request left the engine loop
+        assert time.monotonic() < deadline, "cancelled request still running"
+        time.sleep(0.05)
 
 
 def test_generate_with_server_flag(server, capsys):

@@ -301,3 +301,20 @@ def test_a_failure_before_the_engine_is_internal_without_trace():
         # chat needs a chat template: the byte tokenizer has none
         with pytest.raises(SpecServeError, match="INVALID_ARGUMENT: chat:"):
             c.generate(PROMPT, chat=True)
+
+
+def test_graceful_shutdown_drains_running_streams():
+    s = ServerThread(make_service(FakeVerifier(delay=0.03)))
+    with SpecServeClient(s.target, timeout=30) as c:
+        stream = c.generate_stream(PROMPT, max_new_tokens=30)
+        ids = list(next(stream).token_ids)
+        stopping = threading.Thread(target=lambda: s._run(s.server.stop(grace=20)))
+        stopping.start()
+        ids += [t for chunk in stream for t in chunk.token_ids]  # the running stream finishes
+        stopping.join(30)
+        assert ids == expected_continuation(PROMPT_IDS, 30)
+        with pytest.raises(SpecServeError) as err:  # and the server takes nothing new
+            c.generate(PROMPT, max_new_tokens=2, timeout=3)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    s.loop.call_soon_threadsafe(s.loop.stop)
+    s.thread.join(5)
