@@ -257,3 +257,9 @@ def test_truncated_copy_shares_weights_and_runs_fewer_layers():
     assert not torch.allclose(logits, reference_next_logits(big, ids), atol=1e-3)
     with pytest.raises(ValueError, match="num_layers"):
         truncated_copy(big, 3)
+
+
+def test_model_facts_for_validation(lm):
+    assert lm.vocab_size == VOCAB
+    assert lm.max_positions == 256
+    assert lm.dtype == torch.float32

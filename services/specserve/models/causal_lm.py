@@ -81,6 +81,11 @@ class CausalLM:
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     @property
+    def max_positions(self) -> int:
+        """Longest text (prompt + generation) the model's position embeddings cover."""
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
