@@ -137,3 +137,15 @@ def test_specserve_serve_standalone_on_the_embedded_model():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0  # graceful shutdown exits cleanly
+
+
+def test_specserve_generate_server_through_the_real_cli(server, capsys):
+    from specserve import cli
+
+    prompt = "real cli"
+    rc = cli.main(["generate", prompt, "--server", server.target, "--no-chat", "--max-new-tokens", "9",
+                   "--rule", "greedy", "--temperature", "0", "--draft-length", "2"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(bytes(expected_continuation(list(prompt.encode()), 9)).decode())
+    assert "tokens per verifier step" in captured.err

@@ -108,7 +108,8 @@ def _request_from_args(args: argparse.Namespace):
         delta=getattr(args, "delta", None),
         tas_epsilon=getattr(args, "tas_epsilon", None),
         tas_alpha=getattr(args, "tas_alpha", None),
-        # drafters: the server's own set (its names need not match local --drafter specs)
+        # --drafter given explicitly selects among the server's drafters (standalone names them by spec)
+        drafters=getattr(args, "drafter", None) or (),
         draft_length=getattr(args, "draft_length", None),
         tree=tree or (),
         max_new_tokens=getattr(args, "max_new_tokens", None),

@@ -154,31 +154,16 @@ class StandaloneServer:
 # ---------------------------------------------------------------- building from config
 
 
-def _make_drafter(spec: str, verifier):
-    from ..models.causal_lm import CausalLM
-    from ..models.drafters import EarlyExitDrafter, LMDrafter, check_same_tokenizer
-    from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
-
-    if spec == "ngram":
-        return MaxGramDrafter(name=spec)
-    if spec == "prompt-lookup":
-        return PromptLookupDrafter(name=spec)
-    if spec.startswith("early-exit:"):
-        return EarlyExitDrafter(verifier, int(spec.split(":", 1)[1]))
-    lm = CausalLM.load(spec, dtype=verifier.dtype)
-    check_same_tokenizer(lm, verifier)
-    return LMDrafter(lm, name=spec, target_vocab_size=verifier.vocab_size)
-
-
 def build_local_service(config: ServerConfig, metrics: ServeMetrics | None = None) -> GenerationService:
     """Load the verifier and drafters named in `config.models` into in-process backends."""
-    from ..engine.local import LocalDrafter, LocalVerifier
+    from ..engine.factory import make_local_drafters
+    from ..engine.local import LocalVerifier
     from ..engine.loop import DecodeLoop
     from ..models.causal_lm import CausalLM
 
     m = config.models
     lm = CausalLM.load(m.verifier, dtype=m.dtype)
-    drafters = [LocalDrafter(_make_drafter(spec, lm), name=spec) for spec in m.drafters]
+    drafters = make_local_drafters(m.drafters, lm)  # the same drafter specs as `specserve generate`
     loop = DecodeLoop(LocalVerifier(lm, max_sessions=m.max_sessions), drafters, draft_timeout_s=m.draft_timeout_s)
     return GenerationService(
         loop,
