@@ -21,6 +21,7 @@ import time
 
 import grpc
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -28,7 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app  # noqa: E402
+from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app, run_local  # noqa: E402
 from specserve.serve.autoscaling import running_replicas  # noqa: E402
 from specserve.v1 import generation_pb2 as gen_pb  # noqa: E402
 from specserve.v1 import generation_pb2_grpc as gen_grpc  # noqa: E402
@@ -67,13 +68,8 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
 def cluster(tmp_path_factory):
     model_dir = save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    grpc_port = free_port(20100)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": free_port(grpc_port + 1)},
-        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]},
-    )
     try:
-        yield {"model_dir": model_dir, "grpc_port": grpc_port}
+        yield {"model_dir": model_dir, "tmp": tmp_path_factory.mktemp("config")}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -81,10 +77,25 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(cluster):
-    settings = tiny_settings(cluster["model_dir"], drafters=["ngram", "small"], draft_timeout_s=3.0,
-                             verify_timeout_s=15.0)
-    serve.run(build_app(settings), name=APP, route_prefix="/specserve")
-    channel = grpc.insecure_channel(f"127.0.0.1:{cluster['grpc_port']}")
+    """Deployed the way `specserve serve` does it: a Serve config file through run_local, with the
+    app builder + args as import path (the checked-in configs use a built app instead)."""
+    grpc_port = free_port(20100)
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": free_port(grpc_port + 1)},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]},
+        "applications": [{
+            "name": APP,
+            "route_prefix": "/specserve",
+            "import_path": "specserve.serve.app:build_app",
+            "args": tiny_settings(cluster["model_dir"], drafters=["ngram", "small"], draft_timeout_s=3.0,
+                                  verify_timeout_s=15.0),
+        }],
+    }
+    path = cluster["tmp"] / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_local(path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield gen_grpc.GenerationStub(channel)
     channel.close()
     serve.delete(APP)
@@ -219,14 +230,14 @@ def test_drafters_autoscale_independently_of_the_verifier(cluster):
             t.start()
         try:
             counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) >= 2 else None)(
-                running_replicas("autoscale")), 60, "NgramDrafter to scale up")
+                running_replicas("autoscale")), 120, "NgramDrafter to scale up")
             assert counts["Verifier"] == 1
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=30)
         counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) == 1 else None)(
-            running_replicas("autoscale")), 60, "NgramDrafter to scale back down")
+            running_replicas("autoscale")), 120, "NgramDrafter to scale back down")
         assert counts["Verifier"] == 1
     finally:
         serve.delete("autoscale")
