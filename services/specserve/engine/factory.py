@@ -1,0 +1,70 @@
+"""Drafter specs (what the CLI and config files say) -> in-process drafter backends.
+
+    "ngram"          Max-Gram (CS Drafting's statistical bottom; costs ~0)
+    "prompt-lookup"  prompt lookup decoding (n-gram copy from the context)
+    "early-exit:N"   the verifier's first N layers (shares its weights)
+    anything else    a causal LM (alias, local path or hub id) sharing the verifier's tokenizer
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
+from ..models.base import Drafter
+from ..models.causal_lm import CausalLM, truncated_copy
+from ..models.drafters import EarlyExitDrafter, LMDrafter, check_same_tokenizer
+from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
+from .local import LocalDrafter
+
+STATISTICAL = ("ngram", "prompt-lookup")
+
+
+def parse_early_exit(spec: str) -> int:
+    try:
+        layers = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"early-exit drafter must be 'early-exit:N' with an integer N, got {spec!r}") from None
+    if layers < 1:
+        raise ValueError(f"early-exit drafter needs N >= 1 layers, got {spec!r}")
+    return layers
+
+
+def load_drafter_lm(spec: str, verifier: CausalLM) -> CausalLM:
+    """The LM behind a neural drafter spec (early-exit shares the verifier's weights)."""
+    if spec.startswith("early-exit:"):
+        return truncated_copy(verifier, parse_early_exit(spec), name=spec)
+    lm = CausalLM.load(spec, dtype=verifier.dtype)
+    check_same_tokenizer(lm, verifier)
+    return lm
+
+
+def make_drafter(spec: str, verifier: CausalLM) -> Drafter:
+    if spec == "ngram":
+        return MaxGramDrafter(name=spec)
+    if spec == "prompt-lookup":
+        return PromptLookupDrafter(name=spec)
+    if spec.startswith("early-exit:"):
+        return EarlyExitDrafter(verifier, parse_early_exit(spec))
+    lm = load_drafter_lm(spec, verifier)
+    return LMDrafter(lm, name=spec, target_vocab_size=verifier.vocab_size)
+
+
+def make_cascade(
+    specs: Sequence[str],
+    verifier: CausalLM,
+    draft_length: int,
+    k_matrix: Sequence[Sequence[int]] | None = None,
+    lenience: float = 1.0,
+) -> CascadeDrafter:
+    """CS Drafting over the neural drafters in `specs` (largest first, as given) with Max-Gram at
+    the bottom; statistical specs other than the bottom are not cascade levels."""
+    neural = [s for s in specs if s not in STATISTICAL]
+    reviewers = [LMReviewer(load_drafter_lm(s, verifier), name=s) for s in neural]
+    k = k_matrix or default_k_matrix(len(reviewers) + 1, draft_length)
+    name = "cascade(" + ">".join([*neural, "ngram"]) + ")"
+    return CascadeDrafter(reviewers, MaxGramDrafter(name="ngram"), k, lenience=lenience, name=name)
+
+
+def make_local_drafters(specs: Sequence[str], verifier: CausalLM) -> list[LocalDrafter]:
+    return [LocalDrafter(make_drafter(spec, verifier), name=spec) for spec in specs]
