@@ -1,0 +1,180 @@
+"""`python -m bench {speed,quality,overhead,report,plots}` (see BENCHMARKS.md for the exact runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .prompts import CATEGORIES, DEFAULT_PROMPTS
+
+HERE = Path(__file__).resolve().parent
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _categories(s: str) -> tuple[str, ...]:
+    cats = tuple(_names(s))
+    bad = [c for c in cats if c not in CATEGORIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown categories {bad}; choose from {list(CATEGORIES)}")
+    return cats
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="Spec-Bench jsonl (default: %(default)s)")
+    p.add_argument("--per-category", type=int, default=2, help="prompts per Spec-Bench category")
+    p.add_argument("--categories", type=_categories, default=None, help=f"subset of {','.join(CATEGORIES)}")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="cut longer prompts (rag, summarization)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="result JSON path")
+    p.add_argument("--into", default=None, help="Markdown file to update (e.g. BENCHMARKS.md)")
+    p.add_argument("--block", default=None, help="block name inside --into")
+    p.add_argument("--plots", default=None, metavar="TAG", help="also write bench/plots/TAG_*.png")
+
+
+def _models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verifier", default="smollm2-135m")
+    p.add_argument("--drafter", default=None, help="small LM sharing the tokenizer (default: early exit)")
+    p.add_argument("--early-exit", type=int, default=8, help="layers of the early-exit drafter")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("speed", help="speedup per Spec-Bench category, ours vs plain vs transformers")
+    _models(sp)
+    _common(sp)
+    sp.add_argument("--methods", type=_names, default=None, help="comma-separated (default: all applicable)")
+    sp.add_argument("--temperatures", type=_floats, default=(0.0, 1.0))
+    sp.add_argument("--draft-length", type=int, default=4)
+    sp.add_argument("--cactus-deltas", type=_floats, default=(0.5, 1.0))
+    sp.add_argument("--cascade-lenience", type=float, default=2.0)
+    sp.add_argument("--fixed-length", action="store_true", help="turn off dynamic draft length")
+
+    qp = sub.add_parser("quality", help="lossy rules: per-step KL on real rows, answer agreement")
+    _models(qp)
+    _common(qp)
+    qp.add_argument("--deltas", type=_floats, default=(0.1, 0.25, 0.5, 1.0))
+    qp.add_argument("--draft-length", type=int, default=4)
+
+    op = sub.add_parser("overhead", help="in-process engine vs standalone gRPC (and Ray Serve)")
+    op.add_argument("--model", default="smollm2-135m")
+    op.add_argument("--early-exit", type=int, default=8)
+    op.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    op.add_argument("--port", type=int, default=20461)
+    op.add_argument("--ray", action="store_true", help="also through the Ray Serve app")
+    _common(op)
+
+    rp = sub.add_parser("report", help="Markdown tables from a result JSON")
+    rp.add_argument("result")
+    rp.add_argument("--into", default=None)
+    rp.add_argument("--block", default=None)
+
+    pp = sub.add_parser("plots", help="PNG plots from a result JSON")
+    pp.add_argument("result")
+    pp.add_argument("--tag", required=True)
+    pp.add_argument("--out-dir", default=str(HERE / "plots"))
+    return parser
+
+
+def _finish(args, result: dict, default_name: str) -> None:
+    from .report import render, update_block
+    from .speed import save
+
+    out = Path(args.out or HERE / "results" / f"{default_name}.json")
+    save(result, out)
+    text = render(result)
+    print(text)
+    print(f"\nwrote {out}", file=sys.stderr)
+    if args.into:
+        update_block(args.into, args.block or default_name, text)
+    if args.plots:
+        from .plots import plot_result
+
+        for p in plot_result(result, HERE / "plots", args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "report":
+        from .report import render, update_block
+
+        text = render(json.loads(Path(args.result).read_text()))
+        print(text)
+        if args.into:
+            update_block(args.into, args.block or Path(args.result).stem, text)
+        return 0
+    if args.command == "plots":
+        from .plots import plot_result
+
+        for p in plot_result(json.loads(Path(args.result).read_text()), args.out_dir, args.tag):
+            print(p)
+        return 0
+
+    from .prompts import load_prompts
+    from .systems import set_threads
+
+    set_threads(args.threads)
+    prompts = load_prompts(args.prompts, args.per_category, args.categories)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    if args.command == "overhead":
+        from .overhead import run_overhead
+
+        result = run_overhead(args.model, prompts, args.max_new_tokens, args.early_exit, args.port,
+                              args.ray, args.dtype, args.max_prompt_tokens, progress=log)
+        _finish(args, result, "overhead")
+        return 0
+
+    from .systems import ModelSetup, Systems
+
+    setup = ModelSetup(
+        verifier_spec=args.verifier, drafter_spec=args.drafter, early_exit_layers=args.early_exit,
+        dtype=args.dtype, cascade_lenience=getattr(args, "cascade_lenience", 2.0),
+        dynamic_length=not getattr(args, "fixed_length", False),
+        bigram_texts=[p.text for p in load_prompts(args.prompts)],  # Max-Gram's bigram fallback corpus
+    )
+    systems = Systems(setup)
+    name = (args.verifier + ("__" + args.drafter if args.drafter else "")).replace("/", "_")
+    if args.command == "speed":
+        from .methods import catalogue, select
+        from .speed import SpeedConfig, run_speed
+
+        cat = catalogue(args.draft_length, args.cactus_deltas)
+        names = args.methods or list(cat)
+        methods = select(names, cat)
+        config = SpeedConfig(max_new_tokens=args.max_new_tokens, temperatures=args.temperatures,
+                             seed=args.seed, max_prompt_tokens=args.max_prompt_tokens)
+        result = run_speed(systems, prompts, methods, config, progress=log)
+        _finish(args, result, f"speed_{name}")
+        return 0
+    if args.command == "quality":
+        from .quality import run_quality
+
+        result = run_quality(systems, prompts, args.deltas, args.max_new_tokens, args.draft_length,
+                             args.seed, args.max_prompt_tokens, progress=log)
+        _finish(args, result, f"quality_{name}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

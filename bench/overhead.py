@@ -1,0 +1,137 @@
+"""Distributed overhead: the same requests in-process and through the gRPC front ends.
+
+* in-process:  the engine's decode loop called directly (SpeculativeEngine over local backends);
+* standalone:  the same loop object behind specserve's standalone grpc.aio server
+               (GenerationService), called by the Python client over loopback: adds protobuf,
+               gRPC and the service's validation/streaming bookkeeping per request and per round;
+* ray-serve:   the Serve app (router, drafter and verifier deployments, Serve's gRPC proxy),
+               driven by deploy/round_overhead.py's `distributed` (owned by the serve engineer),
+               which we call with the same Spec-Bench prompt ids.
+
+Greedy, same seed and drafters, so every setup decodes the same tokens in the same rounds and
+the difference per round is pure transport/orchestration cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from specserve.engine import GenerationRequest, SpeculativeEngine
+from specserve.engine.local import LocalDrafter, LocalVerifier
+from specserve.models.causal_lm import CausalLM
+from specserve.models.drafters import EarlyExitDrafter
+from specserve.models.ngram import PromptLookupDrafter
+
+from .prompts import Prompt, encode_chat
+from .systems import stop_token_ids
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _ServerThread:
+    """The standalone server on its own event loop in a background thread."""
+
+    def __init__(self, service, port: int) -> None:
+        from specserve.serve.grpc_server import ServerConfig, StandaloneServer
+
+        self.loop = asyncio.new_event_loop()
+        self.server = StandaloneServer(service, ServerConfig(port=port, grace_seconds=0))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _serve_distributed():
+    path = REPO / "deploy" / "round_overhead.py"
+    spec = importlib.util.spec_from_file_location("specserve_round_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.distributed
+
+
+def run_overhead(
+    model: str,
+    prompts: list[Prompt],
+    max_new_tokens: int = 32,
+    early_exit_layers: int = 8,
+    port: int = 20461,
+    with_ray: bool = False,
+    dtype: str = "float32",
+    max_prompt_tokens: int | None = 512,
+    progress=print,
+) -> dict:
+    from specserve.client.client import SpecServeClient
+    from specserve.serve.grpc_server import model_info_for
+    from specserve.serve.service import GenerationService
+
+    lm = CausalLM.load(model, dtype=dtype)
+    drafters = [
+        LocalDrafter(PromptLookupDrafter(1, 4, name="ngram"), name="ngram"),
+        LocalDrafter(EarlyExitDrafter(lm, early_exit_layers), name="small"),
+    ]
+    engine = SpeculativeEngine(LocalVerifier(lm), drafters)
+    batch = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts]
+
+    stops = tuple(stop_token_ids(lm))
+
+    def request(ids):
+        return GenerationRequest(prompt_ids=ids, max_new_tokens=max_new_tokens, rule="greedy", seed=1,
+                                 stop_token_ids=stops)
+
+    rows: dict[str, list[dict]] = {"in-process": [], "standalone-grpc": []}
+    engine.run(request(batch[0][:32]))  # warm-up
+    service = GenerationService(engine.loop, lm.tokenizer, model_info_for(lm, ("ngram", "small")))
+    server = _ServerThread(service, port)
+    try:
+        with SpecServeClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            client.generate(batch[0][:32], rule="greedy", max_new_tokens=4, seed=1)  # warm the channel
+            for i, ids in enumerate(batch):
+                t0 = time.perf_counter()
+                tokens, stats = engine.run(request(ids))
+                local = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
+                                        stop_token_ids=stops)
+                remote = time.perf_counter() - t0
+                rows["in-process"].append({"seconds": local, "rounds": stats.rounds, "tokens": tokens})
+                rows["standalone-grpc"].append({
+                    "seconds": remote, "rounds": int(reply.stats.rounds), "tokens": list(reply.token_ids),
+                })
+                progress(f"overhead prompt {i}: in-process {local / stats.rounds * 1e3:.1f} ms/round, "
+                         f"gRPC {remote / max(1, reply.stats.rounds) * 1e3:.1f} ms/round")
+    finally:
+        server.close()
+    if with_ray:
+        per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True)
+        rows["ray-serve"] = [{"seconds_per_round": s} for s in per_round]
+    return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
+                                          "prompts": len(batch), "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
+            "rows": rows}
+
+
+def summarize_overhead(result: dict) -> list[dict]:
+    rows = result["rows"]
+
+    def per_round(r):
+        return r["seconds_per_round"] if "seconds_per_round" in r else r["seconds"] / max(1, r["rounds"])
+
+    local = statistics.median(per_round(r) for r in rows["in-process"])
+    out = []
+    for setup, runs in rows.items():
+        med = statistics.median(per_round(r) for r in runs)
+        same = None
+        if setup == "standalone-grpc":
+            same = all(a["tokens"] == b["tokens"] for a, b in zip(runs, rows["in-process"]))
+        out.append({"setup": setup, "ms_per_round": med * 1e3, "overhead_ms_per_round": (med - local) * 1e3,
+                    "ratio": med / local, "same_tokens": same})
+    return out

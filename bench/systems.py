@@ -1,0 +1,178 @@
+"""Load the models once and run any Method on one prompt, returning a RunRecord.
+
+Every system gets the same prompt ids, max_new_tokens, stop ids, temperature (top-p 1, top-k off)
+and seed, and is timed the same way: wall clock around the whole generation, prefill included,
+after a warm-up. Drafter "lm" is the small model of the pair (`--drafter`), or on a single model
+an early-exit copy of the verifier's first layers (weights shared); the peer gets the very same
+module as its `assistant_model`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
+from specserve.engine import GenerationRequest, RuleParams, SpeculativeEngine
+from specserve.engine.local import LocalDrafter, LocalVerifier
+from specserve.models.causal_lm import CausalLM, truncated_copy
+from specserve.models.drafters import LMDrafter, check_same_tokenizer
+from specserve.models.ngram import MaxGramDrafter, PromptLookupDrafter
+from specserve.sampling.params import SamplingParams
+
+from .methods import Method
+from .peer import peer_generate
+from .stats import RunRecord
+
+
+@dataclass
+class ModelSetup:
+    verifier_spec: str = "smollm2-135m"
+    drafter_spec: str | None = None  # None: early-exit copy of the verifier
+    early_exit_layers: int = 8
+    dtype: str = "auto"
+    cascade_lenience: float = 2.0
+    dynamic_length: bool = True
+    bigram_texts: list[str] = field(default_factory=list)  # Max-Gram's bigram fallback corpus
+
+
+class Systems:
+    """The loaded models and the drafters built on them, shared by every method of a run."""
+
+    def __init__(
+        self, setup: ModelSetup, verifier: CausalLM | None = None, drafter: CausalLM | None = None
+    ) -> None:
+        """`verifier` / `drafter`: already loaded models (tests); otherwise loaded from the setup."""
+        self.setup = setup
+        self.verifier = verifier or CausalLM.load(setup.verifier_spec, dtype=setup.dtype)
+        if drafter is not None:
+            self.drafter = drafter
+            self.drafter_label = setup.drafter_spec or drafter.name
+        elif setup.drafter_spec:
+            self.drafter = CausalLM.load(setup.drafter_spec, dtype=setup.dtype)
+            check_same_tokenizer(self.drafter, self.verifier)
+            self.drafter_label = setup.drafter_spec
+        else:
+            self.drafter = truncated_copy(self.verifier, setup.early_exit_layers)
+            self.drafter_label = f"early-exit:{setup.early_exit_layers}"
+        self.tokenizer = self.verifier.tokenizer
+        self.stop_ids = stop_token_ids(self.verifier)
+        self._local_verifier = LocalVerifier(self.verifier, max_sessions=2)
+        self._bigram = MaxGramDrafter.from_texts(self.tokenizer, setup.bigram_texts, name="ngram")
+
+    # ---- our drafters ------------------------------------------------------------------
+    def _drafter_backend(self, kind: str, draft_length: int):
+        if kind == "lm":
+            return LocalDrafter(
+                LMDrafter(self.drafter, name="lm", max_sessions=2,
+                          target_vocab_size=self.verifier.vocab_size)
+            )
+        if kind == "ngram":
+            return LocalDrafter(self._bigram, name="ngram")
+        if kind == "prompt-lookup":
+            return LocalDrafter(PromptLookupDrafter(name="prompt-lookup"))
+        if kind == "cascade":
+            cascade = CascadeDrafter(
+                [LMReviewer(self.drafter, name="lm")],
+                self._bigram,
+                default_k_matrix(2, draft_length),
+                lenience=self.setup.cascade_lenience,
+                name="cascade",
+            )
+            return LocalDrafter(cascade)
+        raise ValueError(f"unknown drafter kind {kind!r}")
+
+    def engine_for(self, method: Method) -> SpeculativeEngine:
+        drafters = [self._drafter_backend(k, method.draft_length) for k in method.drafters]
+        return SpeculativeEngine(self._local_verifier, drafters, dynamic_length=self.setup.dynamic_length)
+
+    def request_for(
+        self, method: Method, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_k=0, top_p=1.0),
+            rule=method.rule,
+            rule_params=RuleParams(delta=method.delta),
+            draft_length=method.draft_length,
+            tree_config=method.tree_config,
+            seed=seed,
+            stop_token_ids=tuple(self.stop_ids),
+        )
+
+    # ---- one generation ----------------------------------------------------------------
+    def run(
+        self,
+        method: Method,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        category: str = "",
+        question_id: int = -1,
+        engine: SpeculativeEngine | None = None,
+    ) -> RunRecord:
+        sampling = SamplingParams(temperature=temperature, top_k=0, top_p=1.0)
+        common = dict(method=method.name, category=category, question_id=question_id,
+                      temperature=temperature, prompt_tokens=len(prompt_ids))
+        if method.system == "plain":
+            t0 = time.perf_counter()
+            tokens = self.verifier.plain_generate(prompt_ids, max_new_tokens, sampling, seed, self.stop_ids)
+            seconds = time.perf_counter() - t0
+            return RunRecord(**common, generated=len(tokens), seconds=seconds, rounds=len(tokens),
+                             drafted=0, accepted=0, output_ids=tokens)
+        if method.system == "ours":
+            engine = engine or self.engine_for(method)
+            request = self.request_for(method, prompt_ids, max_new_tokens, temperature, seed)
+            t0 = time.perf_counter()
+            tokens, stats = engine.run(request)
+            seconds = time.perf_counter() - t0
+            return RunRecord(
+                **common, generated=len(tokens), seconds=seconds, rounds=stats.rounds,
+                drafted=stats.drafted, accepted=stats.accepted,
+                accepted_per_position=list(stats.accepted_per_position),
+                drafted_per_position=list(stats.drafted_per_position),
+                accepted_by_drafter=dict(stats.accepted_by_drafter),
+                drafted_by_drafter=dict(stats.drafted_by_drafter),
+                output_ids=list(tokens),
+            )
+        if method.system == "peer":
+            result = peer_generate(
+                method.peer_method, self.verifier.model, prompt_ids, max_new_tokens, temperature, seed,
+                assistant=self.drafter.model, stop_ids=tuple(self.stop_ids),
+                early_exit_layers=self.setup.early_exit_layers,
+            )
+            c = result.counts
+            rounds = c.rounds if c is not None else len(result.tokens)
+            # transformers' last round can emit fewer tokens than it accepted (length cut): count
+            # the tokens actually returned; the rounds are the verifier passes it really ran
+            return RunRecord(
+                **common, generated=len(result.tokens), seconds=result.seconds, rounds=rounds,
+                drafted=c.drafted if c else 0, accepted=c.accepted if c else 0,
+                accepted_per_position=c.accepted_per_position if c else [],
+                drafted_per_position=c.drafted_per_position if c else [],
+                output_ids=result.tokens,
+            )
+        raise ValueError(f"unknown system {method.system!r}")
+
+
+def stop_token_ids(lm: CausalLM) -> list[int]:
+    """eos of the tokenizer and of the generation config (chat models end turns with their own id)."""
+    ids: set[int] = set()
+    if lm.tokenizer is not None and lm.tokenizer.eos_token_id is not None:
+        ids.add(int(lm.tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
+
+
+def set_threads(n: int | None) -> int:
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
