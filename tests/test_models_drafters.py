@@ -136,3 +136,29 @@ def test_tokenizer_check_names_both_models():
     check_same_tokenizer(a, same)
     with pytest.raises(TokenizerMismatchError, match="model-A.*model-C"):
         check_same_tokenizer(a, moved)
+
+
+def test_drafted_tokens_follow_the_processed_law_chi_square(lm):
+    """2000 first-token draws vs the processed row: chi-square goodness of fit at alpha = 0.001
+    (fixed seed). Cells with expected count < 5 are pooled."""
+    from scipy.stats import chisquare
+
+    params = SamplingParams(temperature=1.5, top_k=12)
+    drafter = LMDrafter(lm)
+    context = random_ids(6, seed=37)
+    generator = torch.Generator().manual_seed(11)
+    draws = 2000
+    counts = torch.zeros(VOCAB)
+    for _ in range(draws):
+        counts[drafter.propose(context, 1, params, generator).tokens[0]] += 1
+    law = expected_row(lm, context, params)
+    assert counts[law == 0].sum() == 0  # top-k: nothing outside the support
+    expected = law * draws
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().unsqueeze(0)])
+    expect = torch.cat([expected[big], expected[~big].sum().unsqueeze(0)])
+    keep = expect > 0
+    result = chisquare(observed[keep].numpy(), expect[keep].numpy())
+    assert result.pvalue > 1e-3, result
+    # and the cache made the repeated drafts cheap: the context was prefilled once
+    assert drafter.sessions.get("").forwards == 1

@@ -121,3 +121,25 @@ def test_verified_parts_are_assembled_and_cached_once(monkeypatch, tmp_path, pri
     (path / COMPLETE_MARKER).unlink()
     resolve_model(alias)
     assert len(calls) == 2
+
+
+def test_concurrent_resolves_convert_once(monkeypatch, tmp_path, private_cache):
+    """The file lock makes the second caller wait and reuse the first one's entry."""
+    import threading
+
+    alias, calls = fake_split_model(monkeypatch, tmp_path, sha=None)
+    slow = weights._dequantize_to_safetensors
+
+    def slow_dequantize(gguf: Path, out: Path) -> None:
+        threading.Event().wait(0.3)  # widen the race window
+        slow(gguf, out)
+
+    monkeypatch.setattr(weights, "_dequantize_to_safetensors", slow_dequantize)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(resolve_model(alias))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == [str(private_cache / alias)] * 3
+    assert len(calls) == 1
