@@ -268,3 +268,18 @@ def test_mcsd_ti_through_verify_tree_is_labelled_and_returns_next_root_law():
     assert "mcsd-ti" in LOSSY_RULES
     assert verdict.path == [0, 1] and verdict.tokens == [0, 1] and not verdict.bonus
     assert torch.equal(verdict.next_root_probs, rows[2])
+
+
+def test_hub_node_without_a_recorded_hub_uses_argmax_of_the_draft_law():
+    d = torch.tensor([0.1, 0.7, 0.2])
+    rows = torch.stack([torch.tensor([0.2, 0.3, 0.5])] + [torch.full((3,), 1 / 3)] * 2)
+    outcomes = []
+    for with_hub in (True, False):
+        tree = TokenTree()
+        tree.propose(ROOT, 2, d, "A")
+        tree.propose(ROOT, 1, d, "A")
+        tree.coupling[ROOT] = "hub"
+        if with_hub:
+            tree.hub_token[ROOT] = 1
+        outcomes.append([verify_tree(tree, rows, "spechub", None, torch.Generator().manual_seed(s)).tokens for s in range(30)])
+    assert outcomes[0] == outcomes[1]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tree.token_tree import ROOT, Coupling, Proposal, TokenTree
-from .multidraft import rrs_verify, spechub_verify
+from .multidraft import hub_token, rrs_verify, spechub_verify
 from .rules import (
     cactus_step,
     greedy_accept,
@@ -148,6 +148,8 @@ def verify_node(
 
     u = torch.rand(1, k, generator=generator)
     rows = torch.stack([_row_of(p, tok, vocab) for p, tok in zip(proposals, tokens)])
+    if coupling == "hub" and hub is None and k >= 2:
+        hub = hub_token(rows[0])  # the drafter's hub is argmax of the law it sampled from
     if k == 1:
         # chains: SpS, or Cactus for the lossy rule (delta = 0 consumes the same uniforms as SpS)
         delta = config.delta if rule == "cactus" else 0.0
