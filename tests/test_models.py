@@ -263,3 +263,14 @@ def test_model_facts_for_validation(lm):
     assert lm.vocab_size == VOCAB
     assert lm.max_positions == 256
     assert lm.dtype == torch.float32
+
+
+def test_sliding_window_models_are_refused_clearly():
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+        max_window_layers=0,
+    )
+    lm = CausalLM(Qwen2ForCausalLM(config), tokenizer=None, name="tiny-swa")
+    with pytest.raises(NotImplementedError, match="tiny-swa.*sliding-window"):
+        lm.new_session()

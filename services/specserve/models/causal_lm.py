@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import TokenTree
@@ -137,6 +138,14 @@ class LMSession:
         self.lm = lm
         self.committed: list[int] = []
         self.cache = DynamicCache(config=lm.model.config)
+        unsupported = {type(layer).__name__ for layer in self.cache.layers} - {DynamicLayer.__name__}
+        if unsupported:
+            # a custom 4-D tree mask bypasses transformers' sliding-window masking, and those
+            # layers drop old rows, so tree scoring would be silently wrong: refuse instead
+            raise NotImplementedError(
+                f"{lm.name}: cache layers {sorted(unsupported)} (sliding-window or hybrid attention) "
+                "are not supported for tree verification; only full-attention models are"
+            )
         self._cached: list[int] = []  # token ids whose KV rows are in the cache, in order
         self._logits_after_cached: torch.Tensor | None = None  # fp32 [V], valid iff set
         self._hidden_after_cached: torch.Tensor | None = None
