@@ -274,3 +274,15 @@ def test_sliding_window_models_are_refused_clearly():
     lm = CausalLM(Qwen2ForCausalLM(config), tokenizer=None, name="tiny-swa")
     with pytest.raises(NotImplementedError, match="tiny-swa.*sliding-window"):
         lm.new_session()
+
+
+def test_dtype_choice():
+    from specserve.models.causal_lm import pick_dtype
+
+    assert pick_dtype("float32", "cpu") is torch.float32
+    assert pick_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert pick_dtype(torch.float16, "cpu") is torch.float16
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert pick_dtype("auto", "cpu") is (torch.bfloat16 if native_bf16 else torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        pick_dtype("fp8", "cpu")
