@@ -286,3 +286,13 @@ def test_dtype_choice():
     assert pick_dtype("auto", "cpu") is (torch.bfloat16 if native_bf16 else torch.float32)
     with pytest.raises(ValueError, match="dtype"):
         pick_dtype("fp8", "cpu")
+
+
+def test_a_one_token_text_scores_with_an_empty_cache(lm):
+    session = lm.new_session()
+    session.sync([4])
+    tree = branching_tree(seed=23)
+    check_rows(lm, [4], tree, session.score_tree(tree))
+    session.commit(tree.path_to(2), tree, next_token=9)
+    expected = [4, tree.tokens[2], 9]
+    torch.testing.assert_close(session.next_logits(), reference_next_logits(lm, expected), atol=ATOL, rtol=0)
