@@ -21,6 +21,14 @@ from specserve.sampling.rules import (
     tas_accept,
 )
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Small tensors: on a shared CPU, intra-op threads cost more in sync than they save."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 ALPHA = 1e-3
 N = 200_000
 
