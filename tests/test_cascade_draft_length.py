@@ -72,3 +72,25 @@ def test_measured_draft_cost_is_smoothed_ratio():
 def test_negative_max_length_is_refused():
     with pytest.raises(ValueError, match="max_length"):
         DraftLengthPolicy(-1)
+
+
+def test_node_cost_is_fitted_from_verify_times():
+    """time(n) = 0.1 s + 0.02 s per node -> node cost 0.2 of a step; expensive nodes cut depth."""
+    policy = DraftLengthPolicy(6, node_cost=0.0, forget=1.0)
+    assert policy.measured_node_cost() is None  # no data: the prior is used
+    for n in [1, 4, 8, 2, 6, 3, 12, 5] * 3:
+        policy.record(min(n, 6), 0, 0.0, 0.1 + 0.02 * n, tree_nodes=n)
+    assert policy.measured_node_cost() == pytest.approx(0.2, rel=1e-6)
+    cheap = DraftLengthPolicy(6, node_cost=0.0, forget=1.0)
+    for p in (policy, cheap):
+        p.reached, p.accepted = [0.0] * 6, [0.0] * 6
+        feed_iid(p, 0.5, 400, 6)
+    assert cheap.next_length() == 6  # free nodes: draft the maximum
+    assert 0 < policy.next_length() < 3
+
+
+def test_constant_tree_size_does_not_fit_a_slope():
+    policy = DraftLengthPolicy(4, forget=1.0)
+    for _ in range(20):
+        policy.record(4, 2, 0.0, 0.3, tree_nodes=4)
+    assert policy.measured_node_cost() is None

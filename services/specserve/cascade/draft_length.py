@@ -8,6 +8,11 @@ tree node. We pick the k in 0..max that maximises expected tokens per unit of ti
 
     T(k) = (1 + sum_{d<=k} prod_{j<=d} a_j) / (1 + k * c)
 
+The verifier's cost per extra node is measured, not assumed: on a GPU a few more rows are
+nearly free, on a busy CPU each row can cost 10-20% of a step. A forgetting least-squares fit
+of verify time against tree size gives time(n) = a + b n, so node cost = b / a (the prior
+`node_cost` is used until the tree sizes seen vary enough to fit).
+
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
 probed again every `probe_every` rounds so it can switch back on when the text changes
 (e.g. the model starts copying from the prompt). Rates are Beta-smoothed, exponentially
@@ -33,6 +38,9 @@ class DraftLengthPolicy:
     reached: list[float] = field(default_factory=list)  # rounds whose draft reached position d
     accepted: list[float] = field(default_factory=list)  # ... and had position d accepted
     rounds_off: int = 0
+    min_fit_rounds: float = 4.0  # (decayed) rounds with varying tree sizes before the fit is used
+    # forgetting sums for the verify-time fit: weight, n, t, n^2, n t
+    _fit: list[float] = field(default_factory=lambda: [0.0] * 5)
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -54,8 +62,24 @@ class DraftLengthPolicy:
             total += survive
         return total
 
+    def measured_node_cost(self) -> float | None:
+        """b / a of the fit time(n) = a + b n, or None while the data cannot pin it down."""
+        w, sn, st, snn, snt = self._fit
+        if w < self.min_fit_rounds:
+            return None
+        var = snn / w - (sn / w) ** 2
+        if var < 0.5:  # tree sizes barely varied: the slope is noise
+            return None
+        slope = (snt / w - (sn / w) * (st / w)) / var
+        intercept = st / w - slope * sn / w
+        if intercept <= 0:
+            return None
+        return max(slope, 0.0) / intercept
+
     def cost(self, k: int, nodes_per_position: float = 1.0) -> float:
-        return 1.0 + k * (self.draft_cost + nodes_per_position * self.node_cost)
+        node_cost = self.measured_node_cost()
+        node_cost = self.node_cost if node_cost is None else node_cost
+        return 1.0 + k * (self.draft_cost + nodes_per_position * node_cost)
 
     def best_length(self, nodes_per_position: float = 1.0) -> int:
         """argmax_k T(k) over 0..max_length (0 = plain decoding); ties go to the shorter draft."""
@@ -84,8 +108,16 @@ class DraftLengthPolicy:
         accepted_length: int,
         draft_seconds: float = 0.0,
         verify_seconds: float = 0.0,
+        tree_nodes: int | None = None,
     ) -> None:
-        """One round: the draft reached `drafted_depth`, its first `accepted_length` positions were accepted."""
+        """One round: the draft reached `drafted_depth`, its first `accepted_length` positions were
+        accepted; the verifier scored `tree_nodes` nodes (default: drafted_depth) in verify_seconds."""
+        if verify_seconds > 0:
+            n = float(drafted_depth if tree_nodes is None else tree_nodes)
+            decay = self.forget
+            self._fit = [decay * v for v in self._fit]
+            for i, v in enumerate((1.0, n, verify_seconds, n * n, n * verify_seconds)):
+                self._fit[i] += v
         if drafted_depth <= 0:
             return  # a verifier-only round says nothing about drafting
         self.reached = [r * self.forget for r in self.reached]

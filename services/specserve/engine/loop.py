@@ -156,7 +156,7 @@ class DecodeLoop:
                 finish_reason = "length"
             num_accepted = len(reply.path)
             if policy is not None:
-                policy.record(tree.max_depth, num_accepted, draft_seconds, verify_seconds)
+                policy.record(tree.max_depth, num_accepted, draft_seconds, verify_seconds, len(tree))
             if tree.max_depth:
                 nodes_per_position = len(tree) / tree.max_depth
             result = RoundResult(
