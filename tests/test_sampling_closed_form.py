@@ -8,6 +8,7 @@ import torch
 from specserve.sampling import closed_form as cf
 from specserve.sampling.rules import cactus_gamma
 
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Small tensors: on a shared CPU, intra-op threads cost more in sync than they save."""
@@ -15,6 +16,7 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 T1 = (torch.tensor([0.35, 0.30, 0.20, 0.10, 0.05], dtype=torch.float64),
       torch.tensor([0.80, 0.05, 0.05, 0.05, 0.05], dtype=torch.float64))

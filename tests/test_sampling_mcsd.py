@@ -18,6 +18,7 @@ from specserve.sampling.mcsd import (
 )
 from specserve.tree import ROOT, TokenTree
 
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Small tensors: on a shared CPU, intra-op threads cost more in sync than they save."""
@@ -25,6 +26,7 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 T1 = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 ACCEPT_GIVEN_ROOT = torch.tensor([0.55, 1.0, 1.0], dtype=torch.float64)

@@ -20,6 +20,7 @@ from specserve.sampling.multidraft import (
 )
 from specserve.sampling.rules import one_hot, sample_rows
 
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Small tensors: on a shared CPU, intra-op threads cost more in sync than they save."""
@@ -27,6 +28,7 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 ALPHA = 1e-3
 N = 200_000

@@ -15,11 +15,11 @@ from specserve.sampling.rules import (
     cactus_step,
     greedy_accept,
     normalize_or,
-    sample_row,
     sample_rows,
     sps_step,
     tas_accept,
 )
+
 
 @pytest.fixture(autouse=True)
 def single_torch_thread():
@@ -28,6 +28,7 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 ALPHA = 1e-3
 N = 200_000

@@ -28,6 +28,7 @@ from specserve.sampling.tree_verify import (
 )
 from specserve.tree import ROOT, TokenTree
 
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Small tensors: on a shared CPU, intra-op threads cost more in sync than they save."""
@@ -35,6 +36,7 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 ALPHA = 1e-3
 N_TREE = 8_000
