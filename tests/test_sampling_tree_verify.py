@@ -276,8 +276,10 @@ def test_mcsd_ti_through_verify_tree_is_labelled_and_returns_next_root_law():
     rows = torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0], [0.1, 0.1, 0.8]])
     verdict = verify_tree(tree, rows, "mcsd-ti", None, torch.Generator().manual_seed(0))
     assert "mcsd-ti" in LOSSY_RULES
-    assert verdict.path == [0, 1] and verdict.tokens == [0, 1] and not verdict.bonus
+    assert verdict.path == [0, 1] and verdict.tokens[:2] == [0, 1] and len(verdict.tokens) == 3
+    assert verdict.bonus  # the kept branch was fully accepted
     assert torch.equal(verdict.next_root_probs, rows[2])
+    assert rows[2][verdict.tokens[-1]] > 0  # the extra token is a draw from the next-root law
 
 
 def test_hub_node_without_a_recorded_hub_uses_argmax_of_the_draft_law():

@@ -15,7 +15,10 @@ proposals are verified in their recorded order:
                                                    covered by its theory, so branching nodes
                                                    stay exact
   tas (LOSSY)               typical acceptance   first child passing the criterion
-  mcsd-ti (LOSSY)           delegated to mcsd.select_branch_lossy
+  mcsd-ti (LOSSY)           delegated to mcsd.select_branch_lossy: first-level nodes are
+                              target-initialised roots and are accepted WITHOUT verification,
+                              so they must be drawn from the verifier's law (ti_roots_lossy),
+                              never from a drafter
 
 A fully accepted leaf gets a bonus token from the UNMODIFIED target row at the leaf (argmax
 for greedy). Which sibling verifier runs is the coupling's decision, not the rule's: rrs,
@@ -83,11 +86,12 @@ class NodeDecision:
 @dataclass
 class TreeVerdict:
     path: list[int]  # accepted node ids, root to leaf
-    tokens: list[int]  # path tokens + one correction/bonus token (mcsd-ti: see next_root_probs)
+    tokens: list[int]  # path tokens + one correction/bonus token (every rule, mcsd-ti included)
     accepted_drafters: list[str] = field(default_factory=list)  # per accepted depth
     bonus: bool = False  # the last token is a bonus (leaf fully accepted), not a correction
-    # mcsd-ti only: the law the next round's target-initialised roots are drawn from; then
-    # `tokens` holds the path tokens only (the next roots replace the correction token).
+    # mcsd-ti only: the law DynaSD draws the next round's target-initialised roots from. The
+    # last token of `tokens` is one draw from it; an engine that drafts w > 1 roots instead
+    # commits tokens[:-1] and draws its roots with mcsd.ti_roots_lossy(next_root_probs, w, g).
     next_root_probs: torch.Tensor | None = None
 
     @property
@@ -206,11 +210,14 @@ def verify_tree(
         from .mcsd import select_branch_lossy
 
         sel = select_branch_lossy(tree, target_probs, generator)
+        # Keep the shared contract (path tokens + one more token): the extra token is a draw
+        # from DynaSD's next-root law, i.e. what a one-root round would emit next.
+        extra = sample_row(sel.next_root_probs, generator)
         return TreeVerdict(
             path=sel.path,
-            tokens=[tree.tokens[n] for n in sel.path],
+            tokens=[tree.tokens[n] for n in sel.path] + [extra],
             accepted_drafters=sel.drafters,
-            bonus=False,
+            bonus=sel.fully_accepted,
             next_root_probs=sel.next_root_probs,
         )
 
