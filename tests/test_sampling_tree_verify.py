@@ -132,6 +132,21 @@ def test_verify_tree_emits_the_target_joint_law():
     assert chi2_pvalue(counts, lm.joint()) > ALPHA
 
 
+def test_negative_control_mislabelled_coupling_is_rejected_at_tree_level():
+    """The same statistic has power at tree level: hub-coupled siblings verified as if they
+    were independent (RRS) emit a visibly wrong law."""
+    lm = ToyLM(seed=3)
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.zeros(V, V, V)
+    for _ in range(3000):  # the first-token law moves by ~0.3, far beyond this n's noise
+        tree = draft_tree(lm, gen)
+        tree.coupling[ROOT] = "independent"
+        verdict = verify_tree(tree, target_rows(lm, tree), "sps", None, gen)
+        a, b, c = complete(lm, verdict.tokens, gen)
+        counts[a, b, c] += 1
+    assert chi2_pvalue(counts, lm.joint()) < 1e-12
+
+
 def test_rules_and_couplings_match_the_engine_contract():
     assert RULES == engine_types.RULES
     assert LOSSY_RULES == engine_types.LOSSY_RULES
