@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     op.add_argument("--port", type=int, default=20461)
     op.add_argument("--ray", action="store_true", help="also through the Ray Serve app")
+    op.add_argument("--repeats", type=int, default=2)
     _common(op)
 
     rp = sub.add_parser("report", help="Markdown tables from a result JSON")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         from .overhead import run_overhead
 
         result = run_overhead(args.model, prompts, args.max_new_tokens, args.early_exit, args.port,
-                              args.ray, args.dtype, args.max_prompt_tokens, progress=log)
+                              args.ray, args.dtype, args.max_prompt_tokens, args.repeats, progress=log)
         _finish(args, result, "overhead")
         return 0
 

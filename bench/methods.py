@@ -32,8 +32,10 @@ def catalogue(draft_length: int = 4, cactus_deltas: tuple[float, ...] = (0.5, 1.
     methods = [
         Method("plain", "plain"),
         Method("chain", "ours", ("lm",), draft_length=k, needs_lm_drafter=True),
+        # k-config trees: sampled only (under greedy the draft rows are one-hot, so the siblings
+        # coincide and the tree collapses to the chain)
         Method("tree-2x2", "ours", ("lm",), tree_config=(2, 2) + (1,) * max(0, k - 2),
-               draft_length=k, needs_lm_drafter=True),
+               draft_length=k, only_sampled=True, needs_lm_drafter=True),
         Method("cascade", "ours", ("cascade",), draft_length=k, needs_lm_drafter=True),
         Method("ngram", "ours", ("ngram",), draft_length=k),
         Method("prompt-lookup", "ours", ("prompt-lookup",), draft_length=k),

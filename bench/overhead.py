@@ -68,6 +68,7 @@ def run_overhead(
     with_ray: bool = False,
     dtype: str = "float32",
     max_prompt_tokens: int | None = 512,
+    repeats: int = 2,
     progress=print,
 ) -> dict:
     from specserve.client.client import SpecServeClient
@@ -96,26 +97,31 @@ def run_overhead(
         with SpecServeClient(f"127.0.0.1:{server.port}", timeout=600) as client:
             client.generate(batch[0][:32], rule="greedy", max_new_tokens=4, seed=1)  # warm the channel
             for i, ids in enumerate(batch):
-                t0 = time.perf_counter()
-                tokens, stats = engine.run(request(ids))
-                local = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
-                                        stop_token_ids=stops)
-                remote = time.perf_counter() - t0
-                rows["in-process"].append({"seconds": local, "rounds": stats.rounds, "tokens": tokens})
-                rows["standalone-grpc"].append({
-                    "seconds": remote, "rounds": int(reply.stats.rounds), "tokens": list(reply.token_ids),
-                })
-                progress(f"overhead prompt {i}: in-process {local / stats.rounds * 1e3:.1f} ms/round, "
-                         f"gRPC {remote / max(1, reply.stats.rounds) * 1e3:.1f} ms/round")
+                for rep in range(repeats):
+                    # alternate which setup goes first, so neither always meets a warmer machine
+                    first_local = (i + rep) % 2 == 0
+                    for setup in (("in-process", "grpc") if first_local else ("grpc", "in-process")):
+                        t0 = time.perf_counter()
+                        if setup == "in-process":
+                            tokens, stats = engine.run(request(ids))
+                            row = {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens}
+                            rows["in-process"].append(row)
+                        else:
+                            reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
+                                                    stop_token_ids=stops)
+                            row = {"seconds": time.perf_counter() - t0, "rounds": int(reply.stats.rounds),
+                                   "tokens": list(reply.token_ids)}
+                            rows["standalone-grpc"].append(row)
+                    a, b = rows["in-process"][-1], rows["standalone-grpc"][-1]
+                    progress(f"overhead prompt {i}.{rep}: in-process {a['seconds'] / a['rounds'] * 1e3:.1f} "
+                             f"ms/round, gRPC {b['seconds'] / max(1, b['rounds']) * 1e3:.1f} ms/round")
     finally:
         server.close()
     if with_ray:
         per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True)
         rows["ray-serve"] = [{"seconds_per_round": s} for s in per_round]
     return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
-                                          "prompts": len(batch), "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
+                                          "prompts": len(batch), "repeats": repeats, "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
             "rows": rows}
 
 

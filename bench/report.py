@@ -121,7 +121,8 @@ def overhead_report(result: dict) -> str:
         _table(["setup", "ms / round (median)", "overhead / round", "ratio", "same tokens"], rows),
         "",
         f"_Model `{meta['model']}` ({meta['dtype']}), drafters {', '.join(meta['drafters'])}, greedy, "
-        f"{meta['prompts']} prompts, max_new_tokens {meta['max_new_tokens']}._",
+        f"{meta['prompts']} prompts x {meta.get('repeats', 1)} repeats (alternating order), "
+        f"max_new_tokens {meta['max_new_tokens']}; median over requests of seconds / rounds._",
     ])
 
 
