@@ -35,10 +35,10 @@ def test_learns_per_position_rates():
 
 
 def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
-    deep = DraftLengthPolicy(8, node_cost=0.01)
+    deep = DraftLengthPolicy(8, node_cost=0.01, measure_step_rounds=0)
     feed_iid(deep, 0.9, 300, 8)
     assert deep.next_length() == 8
-    shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost=0.3)  # e.g. an LM drafter
+    shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost=0.3, measure_step_rounds=0)  # an LM drafter
     feed_iid(shallow, 0.6, 300, 8)
     k = shallow.next_length()
     assert 1 <= k <= 3
@@ -48,12 +48,35 @@ def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
 
 
 def test_speculation_turns_off_when_it_does_not_pay_and_probes_again():
-    policy = DraftLengthPolicy(4, node_cost=0.05, probe_every=5)
+    policy = DraftLengthPolicy(4, node_cost=0.05, probe_every=5, measure_step_rounds=0)
     feed_iid(policy, 0.0, 200, 4)  # nothing is ever accepted
-    lengths = [policy.next_length() for _ in range(10)]
-    assert lengths == [0, 0, 0, 0, 4, 0, 0, 0, 0, 4]  # off, with a full-depth probe every 5 rounds
+    lengths = []
+    for _ in range(16):
+        k = policy.next_length()
+        lengths.append(k)
+        policy.record(k, 0)  # probes fail too
+    # off, probing at full depth after 5 rounds, then 10 (a failed probe doubles the interval)
+    assert lengths == [0, 0, 0, 0, 4] + [0] * 9 + [4, 0]
     feed_iid(policy, 1.0, 60, 4)  # the text became predictable (e.g. copying the prompt)
     assert policy.next_length() == 4
+
+
+def test_verifier_only_step_is_timed_early_and_fixes_the_cost_model():
+    """Multi-row passes cost 2.5 steps (a CPU): speculation at alpha 0.5 stops paying."""
+    policy = DraftLengthPolicy(6, forget=1.0)
+    lengths = [policy.next_length() for _ in range(3)]
+    assert lengths[1:] == [0, 0]  # rounds 2 and 3 time a verifier-only step
+    for _ in range(2):
+        policy.record(0, 0, 0.0, 0.1, tree_nodes=0)
+    for n in (2, 6, 4, 3, 5):
+        policy.record(n, 1, 0.0, 0.25 + 0.001 * n, tree_nodes=n)
+    jump, node = policy.measured_costs()
+    assert jump == pytest.approx(1.5, rel=1e-6) and node == pytest.approx(0.01, rel=1e-6)
+    policy.reached, policy.accepted = [0.0] * 6, [0.0] * 6
+    feed_iid(policy, 0.5, 300, 6)
+    assert policy.best_length() == 0  # at most 2 tokens per round cannot beat 2.5x the cost
+    feed_iid(policy, 0.95, 300, 6)
+    assert policy.best_length() == 6
 
 
 def test_verifier_only_rounds_are_not_evidence():
@@ -77,20 +100,23 @@ def test_negative_max_length_is_refused():
 def test_node_cost_is_fitted_from_verify_times():
     """time(n) = 0.1 s + 0.02 s per node -> node cost 0.2 of a step; expensive nodes cut depth."""
     policy = DraftLengthPolicy(6, node_cost=0.0, forget=1.0)
-    assert policy.measured_node_cost() is None  # no data: the prior is used
+    assert policy.measured_costs() is None  # no data: the priors are used
+    policy.record(0, 0, 0.0, 0.1, tree_nodes=0)
     for n in [1, 4, 8, 2, 6, 3, 12, 5] * 3:
         policy.record(min(n, 6), 0, 0.0, 0.1 + 0.02 * n, tree_nodes=n)
-    assert policy.measured_node_cost() == pytest.approx(0.2, rel=1e-6)
-    cheap = DraftLengthPolicy(6, node_cost=0.0, forget=1.0)
+    assert policy.measured_costs() == pytest.approx((0.0, 0.2), rel=1e-6, abs=1e-9)
+    cheap = DraftLengthPolicy(6, node_cost=0.0, forget=1.0, measure_step_rounds=0)
     for p in (policy, cheap):
         p.reached, p.accepted = [0.0] * 6, [0.0] * 6
         feed_iid(p, 0.5, 400, 6)
-    assert cheap.next_length() == 6  # free nodes: draft the maximum
-    assert 0 < policy.next_length() < 3
+    assert cheap.best_length() == 6  # free nodes: draft the maximum
+    assert 0 < policy.best_length() < 3
 
 
-def test_constant_tree_size_does_not_fit_a_slope():
-    policy = DraftLengthPolicy(4, forget=1.0)
+def test_constant_tree_size_uses_the_prior_slope():
+    policy = DraftLengthPolicy(4, forget=1.0, node_cost=0.01)
+    policy.record(0, 0, 0.0, 0.2, tree_nodes=0)
     for _ in range(20):
         policy.record(4, 2, 0.0, 0.3, tree_nodes=4)
-    assert policy.measured_node_cost() is None
+    jump, node = policy.measured_costs()
+    assert node == pytest.approx(0.01) and jump == pytest.approx(0.3 / 0.2 - 1 - 0.04)

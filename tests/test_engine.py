@@ -262,3 +262,28 @@ def test_loop_is_backend_agnostic():
     # two full rounds of 2 drafts + bonus; the last token is verifier-only (never draft past the end)
     assert tokens == [1, 2, 0, 4, 5, 0, 0]
     assert stats.rounds == 3 and stats.drafted == 4
+
+
+# ---- improved MCSD (mcsd-ti, LOSSY) ---------------------------------------------------------
+def test_mcsd_ti_with_one_root_is_greedy_decoding(verifier_lm, twin_lm):
+    """Width 1: the root is the verifier's argmax and the chain is exact-match verified, so
+    nothing is selected among roots and the output is plain greedy decoding."""
+    tokens, stats = run(
+        verifier_lm, [LMDrafter(twin_lm, name="twin")], dynamic_length=False,
+        max_new_tokens=30, rule="mcsd-ti", tree_config=(1,), draft_length=3,
+    )
+    assert tokens == plain(verifier_lm, 30)
+    assert stats.accepted > 0 and "target" not in stats.drafted_by_drafter
+    assert stats.accepted <= stats.drafted
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_mcsd_ti_two_roots_runs_and_survives_drafter_failure(verifier_lm, twin_lm, temperature):
+    flaky = FlakyDrafter(LMDrafter(twin_lm, name="twin"), fail_on={2, 4})
+    tokens, stats = run(
+        verifier_lm, [flaky], max_new_tokens=25, rule="mcsd-ti", tree_config=(2,), draft_length=3,
+        sampling=SamplingParams(temperature=temperature), seed=5,
+    )
+    assert len(tokens) == stats.generated == 25
+    assert all(0 <= t < VOCAB for t in tokens)
+    assert stats.accepted <= stats.drafted

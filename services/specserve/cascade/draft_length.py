@@ -2,16 +2,21 @@
 
 Model (Leviathan et al.; ALGORITHMS.md 0.4, with per-position rates): position d of a draft
 is accepted with conditional probability a_d given that positions 1..d-1 were, so it yields
-an expected prod_{j<=d} a_j extra tokens. A round with k positions costs, in units of one
-verifier step, 1 + k * c, where c = drafting cost per position + verifier cost per extra
-tree node. We pick the k in 0..max that maximises expected tokens per unit of time
+an expected prod_{j<=d} a_j extra tokens. In units of one verifier-only step, a round with
+k > 0 positions costs 1 + jump + k * c, where c = drafting cost per position + verifier cost
+per extra tree node, and `jump` is what going from one row to several costs at all. We pick
+the k in 0..max that maximises expected tokens per unit of time
 
-    T(k) = (1 + sum_{d<=k} prod_{j<=d} a_j) / (1 + k * c)
+    T(k) = (1 + sum_{d<=k} prod_{j<=d} a_j) / (1 + [k > 0] jump + k c)
 
-The verifier's cost per extra node is measured, not assumed: on a GPU a few more rows are
-nearly free, on a busy CPU each row can cost 10-20% of a step. A forgetting least-squares fit
-of verify time against tree size gives time(n) = a + b n, so node cost = b / a (the prior
-`node_cost` is used until the tree sizes seen vary enough to fit).
+The verifier's costs are measured, not assumed. On a GPU extra rows are nearly free; on a CPU
+the first extra row is expensive (one-row matrix-vector products become packed matrix
+products: we measured +60% for 2 rows vs 1 on a 2-core box) and later rows are cheap. So:
+  step  = mean verify time of verifier-only rounds (n = 0 tree nodes),
+  c0+bn = forgetting least-squares line through the rounds with n > 0 nodes,
+  jump  = (c0 - step) / step,   node cost = b / step,
+with priors (jump 0, node_cost) until the data pins them down. Two verifier-only rounds are
+forced early in a request when none happened on their own, so `step` is always measured.
 
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
 probed again every `probe_every` rounds so it can switch back on when the text changes
@@ -28,18 +33,25 @@ from dataclasses import dataclass, field
 @dataclass
 class DraftLengthPolicy:
     max_length: int
-    node_cost: float = 0.01  # verifier time per extra tree node / time of one verifier step (prior)
+    node_cost: float = 0.01  # prior: verifier time per extra tree node / verifier-only step
+    jump_cost: float = 0.0  # prior: extra cost of any multi-row pass / verifier-only step
     prior_accept: float = 0.5  # Beta prior mean of each position's acceptance rate
     prior_weight: float = 2.0  # Beta prior strength, in pseudo-rounds
     forget: float = 0.95  # per-round decay of old counts
     cost_smoothing: float = 0.2  # EMA weight of the newest draft-cost measurement
-    probe_every: int = 8  # rounds between probes while speculation is off
+    probe_every: int = 8  # rounds between probes while speculation is off (first interval)
+    max_probe_every: int = 64  # a probe that did not pay doubles the interval, up to this
+    measure_step_rounds: int = 2  # verifier-only rounds wanted for timing (forced if missing)
     draft_cost: float = 0.0  # drafting time per position / verifier step time (measured)
     reached: list[float] = field(default_factory=list)  # rounds whose draft reached position d
     accepted: list[float] = field(default_factory=list)  # ... and had position d accepted
     rounds_off: int = 0
-    min_fit_rounds: float = 4.0  # (decayed) rounds with varying tree sizes before the fit is used
-    # forgetting sums for the verify-time fit: weight, n, t, n^2, n t
+    probe_interval: int = 0  # current interval (0 = probe_every)
+    probing: bool = False  # the last length handed out was a probe
+    rounds_seen: int = 0
+    step_rounds: int = 0  # verifier-only rounds timed
+    step_seconds: float = 0.0  # their mean verify time
+    # forgetting sums for the line through rounds with n > 0 nodes: weight, n, t, n^2, n t
     _fit: list[float] = field(default_factory=lambda: [0.0] * 5)
 
     def __post_init__(self) -> None:
@@ -62,24 +74,30 @@ class DraftLengthPolicy:
             total += survive
         return total
 
-    def measured_node_cost(self) -> float | None:
-        """b / a of the fit time(n) = a + b n, or None while the data cannot pin it down."""
+    def measured_costs(self) -> tuple[float, float] | None:
+        """(jump, node cost) in verifier-only steps, or None while the data cannot pin them down."""
+        if self.step_rounds < 1 or self.step_seconds <= 0:
+            return None
         w, sn, st, snn, snt = self._fit
-        if w < self.min_fit_rounds:
+        if w < 1.0:
             return None
-        var = snn / w - (sn / w) ** 2
-        if var < 0.5:  # tree sizes barely varied: the slope is noise
-            return None
-        slope = (snt / w - (sn / w) * (st / w)) / var
-        intercept = st / w - slope * sn / w
-        if intercept <= 0:
-            return None
-        return max(slope, 0.0) / intercept
+        mean_n, mean_t = sn / w, st / w
+        var = snn / w - mean_n**2
+        slope = (snt / w - mean_n * mean_t) / var if var >= 0.5 else self.node_cost * self.step_seconds
+        slope = max(slope, 0.0)
+        c0 = mean_t - slope * mean_n
+        # one more row never costs more than a whole step (a step already is one row); the
+        # clamps keep a load spike on a shared machine from switching speculation off for good
+        node = min(slope / self.step_seconds, 1.0)
+        jump = min(max(c0 / self.step_seconds - 1.0, 0.0), 2.0)
+        return jump, node
 
     def cost(self, k: int, nodes_per_position: float = 1.0) -> float:
-        node_cost = self.measured_node_cost()
-        node_cost = self.node_cost if node_cost is None else node_cost
-        return 1.0 + k * (self.draft_cost + nodes_per_position * node_cost)
+        if k == 0:
+            return 1.0
+        measured = self.measured_costs()
+        jump, node = measured if measured is not None else (self.jump_cost, self.node_cost)
+        return 1.0 + jump + k * (self.draft_cost + nodes_per_position * node)
 
     def best_length(self, nodes_per_position: float = 1.0) -> int:
         """argmax_k T(k) over 0..max_length (0 = plain decoding); ties go to the shorter draft."""
@@ -92,13 +110,19 @@ class DraftLengthPolicy:
 
     # ---- the loop's two calls ---------------------------------------------------
     def next_length(self, nodes_per_position: float = 1.0) -> int:
+        self.rounds_seen += 1
+        if self.rounds_seen > 1 and self.step_rounds < self.measure_step_rounds:
+            return 0  # time a verifier-only step (round 1 is skipped: it holds the prefill)
+        self.probing = False
         k = self.best_length(nodes_per_position)
         if k > 0:
             self.rounds_off = 0
             return k
         self.rounds_off += 1
-        if self.rounds_off >= self.probe_every:  # re-measure: the text may have become predictable
+        if self.rounds_off >= (self.probe_interval or self.probe_every):
+            # re-measure: the text may have become predictable (e.g. the model starts copying)
             self.rounds_off = 0
+            self.probing = True
             return self.max_length
         return 0
 
@@ -111,12 +135,20 @@ class DraftLengthPolicy:
         tree_nodes: int | None = None,
     ) -> None:
         """One round: the draft reached `drafted_depth`, its first `accepted_length` positions were
-        accepted; the verifier scored `tree_nodes` nodes (default: drafted_depth) in verify_seconds."""
-        if verify_seconds > 0:
-            n = float(drafted_depth if tree_nodes is None else tree_nodes)
-            decay = self.forget
-            self._fit = [decay * v for v in self._fit]
-            for i, v in enumerate((1.0, n, verify_seconds, n * n, n * verify_seconds)):
+        accepted; the verifier scored `tree_nodes` nodes (default: drafted_depth) in verify_seconds
+        (0 = not timed, e.g. a round that included the prompt prefill)."""
+        n = drafted_depth if tree_nodes is None else tree_nodes
+        if self.probing and drafted_depth > 0:  # back off exponentially while probes do not pay
+            paid = accepted_length + 1 >= self.cost(drafted_depth, n / drafted_depth)
+            interval = self.probe_interval or self.probe_every
+            self.probe_interval = self.probe_every if paid else min(2 * interval, self.max_probe_every)
+            self.probing = False
+        if verify_seconds > 0 and n == 0:
+            self.step_rounds += 1
+            self.step_seconds += (verify_seconds - self.step_seconds) / min(self.step_rounds, 10)
+        elif verify_seconds > 0:
+            self._fit = [self.forget * v for v in self._fit]
+            for i, v in enumerate((1.0, float(n), verify_seconds, float(n * n), n * verify_seconds)):
                 self._fit[i] += v
         if drafted_depth <= 0:
             return  # a verifier-only round says nothing about drafting

@@ -20,7 +20,8 @@ import torch
 from ..models.base import Drafter
 from ..models.causal_lm import CausalLM, SessionCache
 from ..sampling.params import process_logits
-from ..tree.token_tree import TokenTree
+from ..tree.token_tree import ROOT, TokenTree
+from .loop import TARGET_ROOT
 from .merge import accepted_by_drafter
 from .workers import DraftCall, DraftReply, VerifyCall, VerifyReply
 
@@ -47,7 +48,15 @@ class LocalDrafter:
         generator = generator_for(call.seed, f"drafter:{self.name}")
         extra = {"session_id": call.session_id} if self._session_kw else {}
         with self._lock:
-            if call.tree_config:
+            if call.roots is not None:  # mcsd-ti (LOSSY): one chain under each target root
+                tree = TokenTree()
+                for root in call.roots:
+                    node = tree.propose(ROOT, root, None, TARGET_ROOT)
+                    proposal = self.drafter.propose(
+                        [*call.committed, root], call.num_tokens, call.sampling, generator, **extra
+                    )
+                    tree.add_sequence(proposal.tokens[: call.num_tokens], proposal.probs, self.name, parent=node)
+            elif call.tree_config:
                 draft_tree = getattr(self.drafter, "draft_tree", None)
                 if draft_tree is None:
                     raise TypeError(f"drafter {self.name} cannot draft k-config trees")
@@ -74,10 +83,12 @@ class LocalVerifier:
 
     name = "verifier"
 
-    def __init__(self, lm: CausalLM, max_sessions: int = 64) -> None:
+    def __init__(self, lm: CausalLM, max_sessions: int = 64, on_verified=None) -> None:
         self.lm = lm
         self.sessions = SessionCache(lm, max_sessions=max_sessions)
         self._lock = threading.Lock()
+        # optional observer (call, target_probs, verdict): e.g. collecting decision-model data
+        self.on_verified = on_verified
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:
         from ..sampling import verify_tree
@@ -88,6 +99,8 @@ class LocalVerifier:
             session.sync(call.committed)  # a miss or a rollback re-prefills only what differs
             logits = session.score_tree(call.tree)
             target_probs = process_logits(logits, call.sampling)
+            if call.rule == "mcsd-ti":
+                return self._verify_ti(session, call, logits, target_probs, started)
             verdict = verify_tree(
                 call.tree,
                 target_probs,
@@ -96,11 +109,48 @@ class LocalVerifier:
                 generator_for(call.seed, "verifier"),
             )
             session.commit(verdict.path, call.tree, verdict.tokens[-1])
+            if self.on_verified is not None:
+                self.on_verified(call, target_probs, verdict)
         return VerifyReply(
             tokens=list(verdict.tokens),
             path=list(verdict.path),
             accepted_by_drafter=accepted_by_drafter(call.tree, verdict.path),
             seconds=time.perf_counter() - started,
+        )
+
+    def _verify_ti(self, session, call: VerifyCall, logits, target_probs, started: float) -> VerifyReply:
+        """Improved MCSD (LOSSY): keep the longest-accepted branch, emit its root unverified plus
+        its accepted run (no correction token), and draw the next round's roots from the law at
+        the end of the kept path. An empty tree (the first round) only draws roots."""
+        from ..sampling import ti_roots_lossy, verify_tree
+
+        generator = generator_for(call.seed, "verifier")
+        tree = call.tree
+        path: list[int] = []
+        tokens: list[int] = []
+        root_law = target_probs[0]
+        if len(tree):
+            verdict = verify_tree(tree, target_probs, "mcsd-ti", call.rule_params, generator)
+            # the kept root + its accepted run; verify_tree's extra token (one draw from the
+            # next-root law) is not emitted: the next round's roots are drawn from that law here
+            path = list(verdict.path)
+            tokens = [tree.tokens[n] for n in path]
+            root_law = verdict.next_root_probs
+            session.commit(path[:-1], tree, tokens[-1])  # the last kept token becomes pending
+        width = max(call.ti_width, 1)
+        if call.sampling.greedy:  # top-w of the verifier's own row (the processed row is one-hot)
+            row = logits[path[-1] + 1 if path else 0]
+            next_roots = torch.topk(row, min(width, row.shape[-1])).indices.tolist()
+        else:
+            next_roots = ti_roots_lossy(root_law, width, generator)
+        credited = accepted_by_drafter(tree, path)
+        credited.pop(TARGET_ROOT, None)
+        return VerifyReply(
+            tokens=tokens,
+            path=path,
+            accepted_by_drafter=credited,
+            seconds=time.perf_counter() - started,
+            next_roots=next_roots,
         )
 
     async def verify(self, call: VerifyCall) -> VerifyReply:

@@ -20,12 +20,14 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from ..cascade.draft_length import DraftLengthPolicy
-from ..tree.token_tree import Coupling, TokenTree
+from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .merge import drafted_by_drafter, merge_trees
 from .types import GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
 
 log = logging.getLogger(__name__)
+
+TARGET_ROOT = "target"  # drafter label of mcsd-ti roots (drawn from the verifier, never verified)
 
 
 def round_seed(seed: int, round_index: int) -> int:
@@ -99,7 +101,14 @@ class DecodeLoop:
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
         session_id = request.session_id or uuid.uuid4().hex
         stops = set(request.stop_token_ids)
-        max_depth = len(request.tree_config) if request.tree_config else request.draft_length
+        # mcsd-ti (LOSSY): fork-shaped trees [w, 1, 1, ...]: w target roots, one chain under each
+        ti = request.rule == "mcsd-ti"
+        ti_width = (request.tree_config[0] if request.tree_config else 2) if ti else 0
+        roots: list[int] | None = None  # known after the first verification
+        if ti:
+            max_depth = request.draft_length
+        else:
+            max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         policy = DraftLengthPolicy(max_depth, node_cost=self.node_cost) if self.dynamic_length else None
         committed = list(request.prompt_ids)
         generated = 0
@@ -111,6 +120,8 @@ class DecodeLoop:
             # the correction/bonus token is free, so never draft past remaining - 1
             depth = policy.next_length(nodes_per_position) if policy else max_depth
             depth = min(depth, remaining - 1) if drafters else 0
+            if ti and roots is None:
+                depth = 0  # the first round only draws roots
             rseed = round_seed(seed, round_index)
 
             trees: list[TokenTree] = []
@@ -122,13 +133,20 @@ class DecodeLoop:
                     num_tokens=depth,
                     sampling=request.sampling,
                     seed=rseed,
-                    tree_config=tuple(request.tree_config[:depth]) if request.tree_config else None,
+                    tree_config=tuple(request.tree_config[:depth]) if request.tree_config and not ti else None,
                     coupling=coupling,
+                    roots=list(roots) if ti else None,
                 )
                 replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
                 trees = [r.tree for r in replies if r is not None]
                 draft_seconds = time.perf_counter() - started
-            tree = merge_trees(trees, max_depth=depth)
+            if ti and roots is not None:
+                root_tree = TokenTree()  # the roots stand even when every drafter failed
+                for root in roots:
+                    root_tree.propose(ROOT, root, None, TARGET_ROOT)
+                tree = merge_trees([root_tree, *trees], max_depth=depth + 1)
+            else:
+                tree = merge_trees(trees, max_depth=depth)
 
             verify_started = time.perf_counter()
             reply = await self.verifier.verify(
@@ -140,8 +158,13 @@ class DecodeLoop:
                     rule=request.rule,
                     rule_params=request.rule_params,
                     seed=rseed,
+                    ti_width=ti_width,
                 )
             )
+            if ti:
+                if not reply.next_roots:
+                    raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")
+                roots = list(reply.next_roots)
             verify_seconds = time.perf_counter() - verify_started
 
             tokens = list(reply.tokens[:remaining])
@@ -155,21 +178,42 @@ class DecodeLoop:
             if not finish_reason and generated >= request.max_new_tokens:
                 finish_reason = "length"
             num_accepted = len(reply.path)
+            num_drafted, drafted_depth = len(tree), tree.max_depth
+            by_drafter = drafted_by_drafter(tree)
+            if ti:  # roots are the verifier's own samples: neither drafted nor accepted drafts
+                n_roots = len(tree.children(ROOT))
+                num_accepted, num_drafted = max(num_accepted - 1, 0), num_drafted - n_roots
+                drafted_depth = max(drafted_depth - 1, 0)
+                by_drafter.pop(TARGET_ROOT, None)
             if policy is not None:
-                policy.record(tree.max_depth, num_accepted, draft_seconds, verify_seconds, len(tree))
-            if tree.max_depth:
-                nodes_per_position = len(tree) / tree.max_depth
+                # the first round's times include the prompt prefill (verifier and LM drafters):
+                # acceptance counts, timings do not
+                timed = round_index > 0
+                policy.record(
+                    drafted_depth,
+                    num_accepted,
+                    draft_seconds if timed else 0.0,
+                    verify_seconds if timed else 0.0,
+                    num_drafted,
+                )
+            if drafted_depth:
+                nodes_per_position = num_drafted / drafted_depth
+            log.debug(
+                "round %d: depth %d, %d nodes, %d accepted, draft %.1f ms, verify %.1f ms, (jump, node) cost %s",
+                round_index, drafted_depth, num_drafted, num_accepted, 1e3 * draft_seconds,
+                1e3 * verify_seconds, policy.measured_costs() if policy else None,
+            )
             result = RoundResult(
                 tokens=tokens,
-                num_drafted=len(tree),
+                num_drafted=num_drafted,
                 num_accepted=num_accepted,
-                accepted_by_drafter=dict(reply.accepted_by_drafter),
-                drafted_by_drafter=drafted_by_drafter(tree),
+                accepted_by_drafter={k: v for k, v in reply.accepted_by_drafter.items() if k != TARGET_ROOT},
+                drafted_by_drafter=by_drafter,
                 finished=bool(finish_reason),
                 finish_reason=finish_reason,
                 draft_seconds=draft_seconds,
                 verify_seconds=verify_seconds,
-                drafted_depth=tree.max_depth,
+                drafted_depth=drafted_depth,
             )
             if stats is not None:
                 stats.add_round(result, time.perf_counter() - started)

@@ -29,6 +29,8 @@ class DraftCall:
     seed: int  # already mixed with the round index
     tree_config: tuple[int, ...] | None = None  # k children per level; None = one chain
     coupling: Coupling = "independent"  # how siblings are sampled (rule-dependent)
+    # mcsd-ti (LOSSY): target-initialised roots; extend EACH root with a chain of num_tokens
+    roots: list[int] | None = None
 
 
 @dataclass
@@ -47,6 +49,7 @@ class VerifyCall:
     rule: str
     rule_params: RuleParams
     seed: int  # already mixed with the round index
+    ti_width: int = 0  # mcsd-ti: how many roots to draw for the next round (0 = other rules)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class VerifyReply:
     path: list[int]  # accepted node ids, root to leaf
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    next_roots: list[int] = field(default_factory=list)  # mcsd-ti: the next round's roots
 
 
 class DrafterBackend(Protocol):
