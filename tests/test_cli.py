@@ -33,6 +33,7 @@ from specserve.engine.types import GenerationStats
         (["generate", "hi", "--rule", "spechub"], "--rule"),
         (["generate", "hi", "--rule", "spechub", "--temperature", "1", "--tree", "3,1"], "--tree"),
         (["generate", "hi", "--plain", "--drafter", "ngram"], "--plain"),
+        (["generate", "hi", "--rule", "mcsd-ti", "--tree", "2,2"], "--tree"),
         (["generate"], "prompt"),
         (["frobnicate"], "COMMAND"),
     ],

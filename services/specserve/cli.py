@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
     g.add_argument("--draft-length", type=non_negative_int, default=6, help="maximum draft depth per round (dynamic length may use less)")
     g.add_argument("--fixed-length", action="store_true", help="always draft --draft-length (no dynamic draft length)")
-    g.add_argument("--tree", type=tree_config, default=None, metavar="K1,K2,...", help="MCSD k-config tree from each LM drafter, e.g. 4,2,2 (lossless with sps/rrs/rrs-wor/spechub)")
+    g.add_argument("--tree", type=tree_config, default=None, metavar="K1,K2,...", help="MCSD k-config tree from each LM drafter, e.g. 4,2,2 (lossless with sps/rrs/rrs-wor/spechub); "
+                   "with --rule mcsd-ti (LOSSY) one number: the root width W (default 2)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto = bf16 where the CPU/GPU runs it natively, else fp32")
     g.add_argument("--plain", action="store_true", help="plain decoding (one verifier forward per token): the baseline")
@@ -312,11 +313,12 @@ def check_generate_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error(f"argument --tree: spechub trees are binary (1 or 2 children per level), got {args.tree}")
     if args.tree and args.cascade:
         parser.error("argument --tree: not with --cascade (a cascade drafts one chain)")
-    if args.rule == "mcsd-ti":
+    if args.rule == "mcsd-ti" and args.tree and len(args.tree) != 1:
         parser.error(
-            "argument --rule: mcsd-ti (LOSSY) is not wired into the local decode loop yet; use "
-            "--tree K1,K2,... with sps / rrs / rrs-wor / spechub for lossless multi-candidate trees"
+            f"argument --tree: mcsd-ti takes one number, the root width W (fork-shaped tree W,1,1,..), got {args.tree}"
         )
+    if args.rule == "mcsd-ti" and args.cascade:
+        parser.error("argument --cascade: not with mcsd-ti (each root gets its own drafted chain)")
     if args.plain and (args.drafter or args.cascade or args.tree):
         parser.error("argument --plain: plain decoding uses no drafters (drop --drafter/--cascade/--tree)")
 
