@@ -228,6 +228,15 @@ def summary_line(stats, seconds: float, rule: str, plain: bool = False) -> str:
     )
 
 
+def warm_up(lm, prompt_ids: list[int]) -> None:
+    """One-time kernel set-up (first forwards of each shape are slow on CPU) stays out of tok/s,
+    for --plain and speculative runs alike."""
+    from .sampling.params import SamplingParams
+
+    head = prompt_ids[:4]
+    lm.plain_generate(head, 2, SamplingParams())  # multi-row prefill + one-row steps
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if getattr(args, "server", None):
         from .serve.cli_commands import generate_remote
@@ -248,6 +257,7 @@ def run_generate(args: argparse.Namespace) -> int:
             setattr(rule_params, field, value)
     lm = CausalLM.load(args.verifier, dtype=args.dtype)
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, chat=not args.no_chat)
+    warm_up(lm, prompt_ids)
     stream = TextStream(lm.tokenizer, sys.stdout)
     stops = stop_ids(lm)
 

@@ -16,7 +16,7 @@ products: we measured +60% for 2 rows vs 1 on a 2-core box) and later rows are c
   c0+bn = forgetting least-squares line through the rounds with n > 0 nodes,
   jump  = (c0 - step) / step,   node cost = b / step,
 with priors (jump 0, node_cost) until the data pins them down. Two verifier-only rounds are
-forced early in a request when none happened on their own, so `step` is always measured.
+run first in every request (after the prefill round), so `step` is always measured.
 
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
 probed again every `probe_every` rounds so it can switch back on when the text changes
@@ -111,8 +111,10 @@ class DraftLengthPolicy:
     # ---- the loop's two calls ---------------------------------------------------
     def next_length(self, nodes_per_position: float = 1.0) -> int:
         self.rounds_seen += 1
-        if self.rounds_seen > 1 and self.step_rounds < self.measure_step_rounds:
-            return 0  # time a verifier-only step (round 1 is skipped: it holds the prefill)
+        if self.step_rounds < self.measure_step_rounds:
+            # round 1 holds the prompt prefill (untimed, and plain decoding pays it too); the
+            # next ones time a verifier-only step
+            return 0
         self.probing = False
         k = self.best_length(nodes_per_position)
         if k > 0:

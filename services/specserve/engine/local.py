@@ -97,7 +97,10 @@ class LocalVerifier:
         with self._lock:
             session = self.sessions.get(call.session_id)
             session.sync(call.committed)  # a miss or a rollback re-prefills only what differs
-            logits = session.score_tree(call.tree)
+            plain_step = len(call.tree) == 0 and call.rule != "mcsd-ti"
+            # a verifier-only round is exactly a plain decoding step (one forward, no tree
+            # mask, the pending token folded into any prefill), so it never costs more
+            logits = session.next_logits()[None] if plain_step else session.score_tree(call.tree)
             target_probs = process_logits(logits, call.sampling)
             if call.rule == "mcsd-ti":
                 return self._verify_ti(session, call, logits, target_probs, started)
@@ -108,7 +111,10 @@ class LocalVerifier:
                 call.rule_params,
                 generator_for(call.seed, "verifier"),
             )
-            session.commit(verdict.path, call.tree, verdict.tokens[-1])
+            if plain_step:
+                session.append(verdict.tokens[-1])
+            else:
+                session.commit(verdict.path, call.tree, verdict.tokens[-1])
             if self.on_verified is not None:
                 self.on_verified(call, target_probs, verdict)
         return VerifyReply(
