@@ -174,22 +174,14 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
 
 
 def grpc_status_for(exc: BaseException):
-    """(grpc.StatusCode, details) for an exception escaping the service."""
+    """(grpc.StatusCode, details) for an exception escaping the service. The service raises
+    ServiceError(code, message) for everything it knows; the rest is a safety net."""
     import grpc
-
-    from .router import WorkerUnavailable
 
     code = getattr(exc, "code", None)
     if isinstance(code, grpc.StatusCode):
         return code, str(exc)
-    if callable(code):
-        try:
-            value = code()
-            if isinstance(value, grpc.StatusCode):
-                return value, str(exc)
-        except Exception:  # noqa: BLE001
-            pass
-    if isinstance(exc, WorkerUnavailable):
+    if isinstance(exc, ConnectionError):  # WorkerUnavailable, service.VerifierUnavailable
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
