@@ -51,8 +51,9 @@ def catalogue(draft_length: int = 4, cactus_deltas: tuple[float, ...] = (0.5, 1.
         # multi-draft rules need a branching tree
         Method("tree-rrs-wor", "ours", ("lm",), rule="rrs-wor", tree_config=(2, 2) + (1,) * max(0, k - 2),
                draft_length=k, only_sampled=True, needs_lm_drafter=True),
-        Method("tree-spechub", "ours", ("lm",), rule="spechub", tree_config=(2, 2) + (1,) * max(0, k - 2),
-               draft_length=k, only_sampled=True, needs_lm_drafter=True),
+        # SpecHub's hub coupling is binary at every level (sample_siblings refuses k = 1)
+        Method("tree-spechub", "ours", ("lm",), rule="spechub", tree_config=(2, 2), draft_length=2,
+               only_sampled=True, needs_lm_drafter=True),
         # the peer
         Method("hf-plain", "peer", peer_method="hf-plain"),
         Method("hf-assisted", "peer", peer_method="hf-assisted", needs_lm_drafter=True),

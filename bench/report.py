@@ -68,6 +68,13 @@ def speed_report(result: dict) -> str:
         out.append(_table(
             ["method", "tokens/s", "speedup", "tokens/step", "mean accepted length", "acceptance rate",
              "acceptance by drafter", "output == plain"], rows))
+        failures = {}
+        for r in records:
+            if r.temperature == temp and r.drafter_failures:
+                failures[r.method] = failures.get(r.method, 0) + r.drafter_failures
+        if failures:
+            out.append("\nDrafter failures (rounds where a drafter raised and the round ran without it): "
+                       + ", ".join(f"{m} {n}" for m, n in failures.items()))
         out.append("")
         depth = max((len(by[(m, temp, "all")].acceptance_per_position) for m in methods), default=0)
         if depth:

@@ -34,6 +34,7 @@ class RunRecord:
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
     drafted_by_drafter: dict[str, int] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
+    drafter_failures: int = 0  # rounds in which a drafter raised and was dropped (should be 0)
 
     def to_json(self) -> dict:
         return asdict(self)

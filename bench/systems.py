@@ -9,6 +9,7 @@ module as its `assistant_model`.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from specserve.sampling.params import SamplingParams
 from .methods import Method
 from .peer import peer_generate
 from .stats import RunRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,9 +130,12 @@ class Systems:
         if method.system == "ours":
             engine = engine or self.engine_for(method)
             request = self.request_for(method, prompt_ids, max_new_tokens, temperature, seed)
-            t0 = time.perf_counter()
-            tokens, stats = engine.run(request)
-            seconds = time.perf_counter() - t0
+            with _CountDrops() as drops:
+                t0 = time.perf_counter()
+                tokens, stats = engine.run(request)
+                seconds = time.perf_counter() - t0
+            if drops.count:  # a failing drafter silently turns the method into plain decoding
+                log.warning("%s: a drafter failed in %d rounds (see warnings above)", method.name, drops.count)
             return RunRecord(
                 **common, generated=len(tokens), seconds=seconds, rounds=stats.rounds,
                 drafted=stats.drafted, accepted=stats.accepted,
@@ -138,6 +144,7 @@ class Systems:
                 accepted_by_drafter=dict(stats.accepted_by_drafter),
                 drafted_by_drafter=dict(stats.drafted_by_drafter),
                 output_ids=list(tokens),
+                drafter_failures=drops.count,
             )
         if method.system == "peer":
             result = peer_generate(
@@ -157,6 +164,25 @@ class Systems:
                 output_ids=result.tokens,
             )
         raise ValueError(f"unknown system {method.system!r}")
+
+
+class _CountDrops(logging.Handler):
+    """Counts the decode loop's "drafter dropped for this round" warnings while active."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "dropped" in record.getMessage():
+            self.count += 1
+
+    def __enter__(self) -> "_CountDrops":
+        logging.getLogger("specserve.engine.loop").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("specserve.engine.loop").removeHandler(self)
 
 
 def stop_token_ids(lm: CausalLM) -> list[int]:

@@ -150,7 +150,7 @@ def test_runner_greedy_lossless_and_counts_consistent(tiny_systems):
     recs = {n: tiny_systems.run(cat[n], prompt, 12, 0.0, seed=7, category="qa", question_id=1) for n in names}
     for name, r in recs.items():
         assert r.output_ids == recs["plain"].output_ids, name
-        assert r.generated == 12 and r.seconds > 0 and 1 <= r.rounds <= 12
+        assert r.generated == 12 and r.seconds > 0 and 1 <= r.rounds <= 12 and r.drafter_failures == 0
         assert 0 <= r.accepted <= r.drafted
         if cat[name].system == "ours":  # each round commits its accepted drafts + one token
             assert r.generated == r.accepted + r.rounds
@@ -161,12 +161,17 @@ def test_runner_greedy_lossless_and_counts_consistent(tiny_systems):
     assert recs["hf-assisted"].drafted > 0  # the instrumentation saw transformers' drafts
 
 
-def test_runner_sampled_rules_run(tiny_systems):
+def test_runner_sampled_rules_run(tiny_systems, caplog):
+    """Every sampled method drafts (a drafter that raises is dropped by the loop with a warning:
+    that would silently benchmark plain decoding)."""
     cat = catalogue(draft_length=3, cactus_deltas=(0.5,))
-    for name in ["chain", "chain-cactus-0.5", "chain-tas", "tree-rrs-wor", "tree-spechub", "hf-assisted"]:
-        r = tiny_systems.run(cat[name], [3, 17, 5, 9], 8, 1.0, seed=3)
+    for name in ["chain", "chain-cactus-0.5", "chain-tas", "tree-2x2", "tree-rrs-wor", "tree-spechub",
+                 "hf-assisted"]:
+        with caplog.at_level("WARNING"):
+            r = tiny_systems.run(cat[name], [3, 17, 5, 9], 8, 1.0, seed=3)
+        assert not [rec for rec in caplog.records if "dropped" in rec.getMessage()], name
         assert r.generated == 8 and all(0 <= t < 96 for t in r.output_ids), name
-        assert 0 <= r.accepted <= r.drafted
+        assert 0 <= r.accepted <= r.drafted and r.drafted > 0 and r.drafter_failures == 0, name
 
 
 # ---- end to end on the embedded default -------------------------------------------------------
