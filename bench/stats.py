@@ -101,7 +101,7 @@ def summarize_cell(records: list[RunRecord]) -> CellSummary:
         mean_accepted_length=(accepted / rounds) if (known and rounds) else None,
         acceptance_rate=(accepted / drafted) if (known and drafted) else None,
         acceptance_per_position=[
-            (acc_pos[i] / dr_pos[i]) if i < len(acc_pos) and dr_pos[i] else None
+            ((acc_pos[i] if i < len(acc_pos) else 0) / dr_pos[i]) if dr_pos[i] else None
             for i in range(len(dr_pos))
         ],
         acceptance_by_drafter={k: acc_by.get(k, 0) / v for k, v in dr_by.items() if v},

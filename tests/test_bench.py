@@ -65,6 +65,7 @@ def test_summary_arithmetic():
         _rec("plain", "qa", 1, 10, 2.0, 10), _rec("plain", "rag", 2, 10, 3.0, 10),
         _rec("chain", "qa", 1, 10, 1.0, 4, 12, 6, (4, 2), (4, 4)),
         _rec("chain", "rag", 2, 10, 1.5, 5, 10, 5, (3, 2), (5, 5)),
+        _rec("ngram", "qa", 1, 10, 2.0, 10, 6, 0, (), (4, 2)),  # drafted, never accepted
     ]
     cells = {(c.method, c.category): c for c in summarize(recs)}
     qa = cells[("chain", "qa")]
@@ -77,6 +78,8 @@ def test_summary_arithmetic():
     assert pooled.speedup == pytest.approx((20 / 2.5) / (20 / 5.0))
     assert pooled.acceptance_per_position == pytest.approx([7 / 9, 4 / 9])
     assert cells[("plain", "all")].speedup == pytest.approx(1.0)
+    assert cells[("ngram", "qa")].acceptance_per_position == [0.0, 0.0]
+    assert cells[("ngram", "qa")].acceptance_rate == 0.0
 
 
 def test_peer_counts_per_position():
