@@ -102,7 +102,7 @@ def test_node_cost_is_fitted_from_verify_times():
     policy = DraftLengthPolicy(6, node_cost=0.0, forget=1.0)
     assert policy.measured_costs() is None  # no data: the priors are used
     policy.record(0, 0, 0.0, 0.1, tree_nodes=0)
-    for n in [1, 4, 8, 2, 6, 3, 12, 5] * 3:
+    for n in [1, 4, 8, 2, 6, 3, 12, 5] * 2:
         policy.record(min(n, 6), 0, 0.0, 0.1 + 0.02 * n, tree_nodes=n)
     assert policy.measured_costs() == pytest.approx((0.0, 0.2), rel=1e-6, abs=1e-9)
     cheap = DraftLengthPolicy(6, node_cost=0.0, forget=1.0, measure_step_rounds=0)
@@ -120,3 +120,14 @@ def test_constant_tree_size_uses_the_prior_slope():
         policy.record(4, 2, 0.0, 0.3, tree_nodes=4)
     jump, node = policy.measured_costs()
     assert node == pytest.approx(0.01) and jump == pytest.approx(0.3 / 0.2 - 1 - 0.04)
+
+
+def test_warm_up_outliers_do_not_set_the_costs():
+    """First passes of new shapes are slow (kernel set-up): medians ignore them."""
+    policy = DraftLengthPolicy(6, node_cost=0.01)
+    for seconds in (1.1, 1.1, 0.1, 0.1, 0.1, 0.1):  # two slow first steps
+        policy.record(0, 0, 0.0, seconds, tree_nodes=0)
+    for seconds in (4.7, 0.16, 0.16):  # one slow first tree pass
+        policy.record(5, 1, 0.0, seconds, tree_nodes=5)
+    jump, node = policy.measured_costs()
+    assert node == pytest.approx(0.01) and jump == pytest.approx(0.6 - 0.05)

@@ -10,13 +10,16 @@ the k in 0..max that maximises expected tokens per unit of time
     T(k) = (1 + sum_{d<=k} prod_{j<=d} a_j) / (1 + [k > 0] jump + k c)
 
 The verifier's costs are measured, not assumed. On a GPU extra rows are nearly free; on a CPU
-the first extra row is expensive (one-row matrix-vector products become packed matrix
-products: we measured +60% for 2 rows vs 1 on a 2-core box) and later rows are cheap. So:
-  step  = mean verify time of verifier-only rounds (n = 0 tree nodes),
-  c0+bn = forgetting least-squares line through the rounds with n > 0 nodes,
-  jump  = (c0 - step) / step,   node cost = b / step,
-with priors (jump 0, node_cost) until the data pins them down. Two verifier-only rounds are
-run first in every request (after the prefill round), so `step` is always measured.
+a pass over several rows costs far more than a one-row step (we measured ~2.5 steps for 6
+rows on a 2-core box, most of it the vocabulary projection per row). From the last
+`window` timed rounds:
+  step = median verify time of verifier-only rounds (n = 0 tree nodes),
+  node = least-squares slope of time against n over tree rounds (prior `node_cost` while
+         the sizes seen barely vary), in steps,
+  jump = median over tree rounds of time / step - 1 - node * n,
+with priors (jump_cost, node_cost) until there is data. Medians, because the first passes of
+each new shape and load spikes on a shared machine are slow outliers. Two verifier-only
+rounds run first in every request (after the prefill round), so `step` is always measured.
 
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
 probed again every `probe_every` rounds so it can switch back on when the text changes
@@ -27,6 +30,8 @@ Pure arithmetic, no I/O: the loop feeds it what each round measured.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -49,10 +54,10 @@ class DraftLengthPolicy:
     probe_interval: int = 0  # current interval (0 = probe_every)
     probing: bool = False  # the last length handed out was a probe
     rounds_seen: int = 0
+    window: int = 16  # timed rounds of each kind kept for the cost estimates
     step_rounds: int = 0  # verifier-only rounds timed
-    step_seconds: float = 0.0  # their mean verify time
-    # forgetting sums for the line through rounds with n > 0 nodes: weight, n, t, n^2, n t
-    _fit: list[float] = field(default_factory=lambda: [0.0] * 5)
+    step_times: deque = field(default_factory=deque)  # recent verifier-only verify seconds
+    tree_times: deque = field(default_factory=deque)  # recent (nodes, verify seconds) of tree rounds
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -75,22 +80,22 @@ class DraftLengthPolicy:
         return total
 
     def measured_costs(self) -> tuple[float, float] | None:
-        """(jump, node cost) in verifier-only steps, or None while the data cannot pin them down."""
-        if self.step_rounds < 1 or self.step_seconds <= 0:
+        """(jump, node cost) in verifier-only steps, or None before any tree round was timed."""
+        if not self.step_times or not self.tree_times:
             return None
-        w, sn, st, snn, snt = self._fit
-        if w < 1.0:
+        step = statistics.median(self.step_times)
+        if step <= 0:
             return None
-        mean_n, mean_t = sn / w, st / w
-        var = snn / w - mean_n**2
-        slope = (snt / w - mean_n * mean_t) / var if var >= 0.5 else self.node_cost * self.step_seconds
-        slope = max(slope, 0.0)
-        c0 = mean_t - slope * mean_n
+        ns = [n for n, _ in self.tree_times]
+        ts = [t / step for _, t in self.tree_times]
+        node = self.node_cost
+        if len(ns) >= 3 and statistics.pvariance(ns) >= 0.5:
+            node = statistics.linear_regression(ns, ts).slope
         # one more row never costs more than a whole step (a step already is one row); the
-        # clamps keep a load spike on a shared machine from switching speculation off for good
-        node = min(slope / self.step_seconds, 1.0)
-        jump = min(max(c0 / self.step_seconds - 1.0, 0.0), 2.0)
-        return jump, node
+        # clamps keep outliers on a shared machine from switching speculation off for good
+        node = min(max(node, 0.0), 1.0)
+        jump = statistics.median(t - 1.0 - node * n for n, t in zip(ns, ts))
+        return min(max(jump, 0.0), 2.0), node
 
     def cost(self, k: int, nodes_per_position: float = 1.0) -> float:
         if k == 0:
@@ -147,11 +152,13 @@ class DraftLengthPolicy:
             self.probing = False
         if verify_seconds > 0 and n == 0:
             self.step_rounds += 1
-            self.step_seconds += (verify_seconds - self.step_seconds) / min(self.step_rounds, 10)
+            self.step_times.append(verify_seconds)
+            if len(self.step_times) > self.window:
+                self.step_times.popleft()
         elif verify_seconds > 0:
-            self._fit = [self.forget * v for v in self._fit]
-            for i, v in enumerate((1.0, float(n), verify_seconds, float(n * n), n * verify_seconds)):
-                self._fit[i] += v
+            self.tree_times.append((n, verify_seconds))
+            if len(self.tree_times) > self.window:
+                self.tree_times.popleft()
         if drafted_depth <= 0:
             return  # a verifier-only round says nothing about drafting
         self.reached = [r * self.forget for r in self.reached]

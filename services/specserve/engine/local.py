@@ -19,6 +19,7 @@ import torch
 
 from ..models.base import Drafter
 from ..models.causal_lm import CausalLM, SessionCache
+from ..sampling import ti_roots_lossy, verify_tree
 from ..sampling.params import process_logits
 from ..tree.token_tree import ROOT, TokenTree
 from .loop import TARGET_ROOT
@@ -91,8 +92,6 @@ class LocalVerifier:
         self.on_verified = on_verified
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:
-        from ..sampling import verify_tree
-
         started = time.perf_counter()
         with self._lock:
             session = self.sessions.get(call.session_id)
@@ -128,8 +127,6 @@ class LocalVerifier:
         """Improved MCSD (LOSSY): keep the longest-accepted branch, emit its root unverified plus
         its accepted run (no correction token), and draw the next round's roots from the law at
         the end of the kept path. An empty tree (the first round) only draws roots."""
-        from ..sampling import ti_roots_lossy, verify_tree
-
         generator = generator_for(call.seed, "verifier")
         tree = call.tree
         path: list[int] = []

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 
 from ..cascade.draft_length import DraftLengthPolicy
+from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .merge import drafted_by_drafter, merge_trees
 from .types import GenerationRequest, GenerationStats, RoundResult
@@ -35,12 +36,6 @@ def round_seed(seed: int, round_index: int) -> int:
     so retried or re-routed calls of the same round draw the same numbers."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, round_index]).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
-
-
-def coupling_for(rule: str) -> Coupling:
-    from ..sampling import coupling_for_rule  # the rule decides how siblings must be drawn
-
-    return coupling_for_rule(rule)
 
 
 class DecodeLoop:
@@ -97,7 +92,7 @@ class DecodeLoop:
         if not request.prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         drafters = self.chosen_drafters(request)
-        coupling = coupling_for(request.rule)
+        coupling: Coupling = coupling_for_rule(request.rule)  # how drafters must draw siblings
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
         session_id = request.session_id or uuid.uuid4().hex
         stops = set(request.stop_token_ids)
