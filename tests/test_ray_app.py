@@ -179,7 +179,7 @@ def test_remote_verifier_retries_once_then_raises_unavailable():
         raise RuntimeError("ActorDiedError: replica gone")
 
     handle = FakeHandle(dead)
-    verifier = RemoteVerifier(handle, timeout_s=1.0, attempts=2)
+    verifier = RemoteVerifier(handle, timeout_s=1.0, attempts=2, retry_backoff_s=0.01)
     with pytest.raises(VerifierUnavailable):
         asyncio.run(verifier.verify(_verify_call()))
     assert len(attempts) == 2
@@ -200,7 +200,7 @@ def test_remote_verifier_succeeds_on_retry():
             raise RuntimeError("first replica died")
         return convert.verify_reply_to_proto(VerifyReply(tokens=[3, 4, 9], path=[0, 1])).SerializeToString()
 
-    reply = asyncio.run(RemoteVerifier(FakeHandle(flaky), timeout_s=1.0).verify(_verify_call()))
+    reply = asyncio.run(RemoteVerifier(FakeHandle(flaky), timeout_s=1.0, retry_backoff_s=0.01).verify(_verify_call()))
     assert reply.tokens == [3, 4, 9] and reply.path == [0, 1] and state["n"] == 2
 
 

@@ -150,6 +150,11 @@ class Router:
                 yield chunk
         except Exception as exc:  # noqa: BLE001 - mapped to a gRPC status below
             _set_status(grpc_context, exc)
+            # A stream's status travels with its chunks: ending the generator after set_code would
+            # close the stream with OK (a silently truncated reply). Raising after set_code makes the
+            # replica wrap the error in gRPCStatusError, which the proxy answers with our code.
+            # Raise a plain RuntimeError: ServiceError(code, message) does not unpickle in the proxy.
+            raise RuntimeError(str(exc)) from None
 
 
 def _make_service(settings: AppSettings, drafters: list, verifier: Any):

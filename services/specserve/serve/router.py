@@ -88,10 +88,11 @@ class RemoteVerifier:
     name = "verifier"
 
     def __init__(self, handle: Any, *, timeout_s: float, attempts: int = 2,
-                 grpc_transport: bool = True, affinity: bool = True) -> None:
+                 grpc_transport: bool = True, affinity: bool = True, retry_backoff_s: float = 1.0) -> None:
         self._handle = handle
         self._timeout_s = timeout_s
         self._attempts = attempts
+        self._retry_backoff_s = retry_backoff_s
         self._grpc_transport = grpc_transport
         self._affinity = affinity
 
@@ -110,6 +111,9 @@ class RemoteVerifier:
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 logger.warning("verify attempt %d failed after %.2fs: %s", attempt + 1,
                                time.monotonic() - start, errors[-1])
+                if attempt + 1 < self._attempts:
+                    # give Serve's router a moment to drop a dead replica before the retry
+                    await asyncio.sleep(self._retry_backoff_s)
         raise VerifierUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")
 
     def end_session(self, session_id: str) -> None:
