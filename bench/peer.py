@@ -98,6 +98,7 @@ def peer_generate(
         do_sample=temperature > 0,
         pad_token_id=(stop_ids[0] if stop_ids else None),
         eos_token_id=list(stop_ids) or None,
+        repetition_penalty=1.0,  # a model's generation_config may set one; our decoding has none
     )
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=1.0, top_k=0)

@@ -17,7 +17,7 @@ from bench.divergence import cactus_emitted, emitted_law, kl
 from bench.methods import catalogue, select
 from bench.peer import PeerCounts
 from bench.prompts import DEFAULT_PROMPTS, load_prompts
-from bench.quality import drafted_positions, final_number
+from bench.quality import drafted_positions, final_number, summarize_quality
 from bench.report import update_block
 from bench.stats import RunRecord, summarize
 from bench.systems import ModelSetup, Systems
@@ -215,3 +215,5 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
         assert all(k >= -1e-9 and math.isfinite(k) for k in r["step_kl"])
         if r["rule"] == "sps":
             assert all(abs(k) < 1e-9 for k in r["step_kl"])
+    for s in summarize_quality(q):  # engine's measured acceptance vs closed form on the same rows
+        assert s["acceptance_z"] is None or abs(s["acceptance_z"]) < 5, s
