@@ -23,16 +23,17 @@ def speedup_by_category(result: dict, path: str | Path, temperature: float = 0.0
     by = {(c.method, c.category): c.speedup for c in cells}
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cats)), 4.5))
     width = 0.8 / max(1, len(methods))
+    colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(cats))]
-        ax.bar(xs, [by.get((m, c)) or 0.0 for c in cats], width, label=m)
+        ax.bar(xs, [by.get((m, c)) or 0.0 for c in cats], width, label=m, color=colors[i % len(colors)])
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(cats)), ["overall" if c == "all" else c for c in cats], rotation=20)
     ax.set_ylabel("speedup over plain decoding (×)")
     label = "greedy" if temperature == 0 else f"T={temperature:g}"
     meta = result["meta"]
     ax.set_title(f"{meta['verifier']} ← {meta['drafter']}, {label}")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
