@@ -98,7 +98,7 @@ def app(cluster):
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     yield gen_grpc.GenerationStub(channel)
     channel.close()
-    serve.delete(APP)
+    serve.delete(APP)  # no-op when a later test already deleted it
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +197,7 @@ def test_verifier_killed_is_retried_or_unavailable(app, plain_greedy):
 
 
 def test_drafters_autoscale_independently_of_the_verifier(cluster):
+    serve.delete(APP)  # a clean cluster: no replicas from the fault tests competing for the 2 cores
     fast = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
             "look_back_period_s": 1.0}
     settings = tiny_settings(
