@@ -21,6 +21,9 @@ from .speed import load_records, lossless_agreement, summary_cells
 from .stats import CellSummary
 
 
+MAX_POSITIONS = 8
+
+
 def _fmt(x, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if x is None else f"{format(x, spec)}{suffix}"
 
@@ -76,7 +79,9 @@ def speed_report(result: dict) -> str:
             out.append("\nDrafter failures (rounds where a drafter raised and the round ran without it): "
                        + ", ".join(f"{m} {n}" for m, n in failures.items()))
         out.append("")
-        depth = max((len(by[(m, temp, "all")].acceptance_per_position) for m in methods), default=0)
+        # transformers drafts up to 20 tokens at first; positions past 8 are rare and near zero
+        depth = min(MAX_POSITIONS, max((len(by[(m, temp, "all")].acceptance_per_position) for m in methods),
+                                       default=0))
         if depth:
             out.append(f"**Acceptance per position, {label}** (accepted / drafted at draft position d)\n")
             rows = []
