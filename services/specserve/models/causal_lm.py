@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import TokenTree
+from .packed_linear import pack_linear_layers
 from .weights import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,20 +67,25 @@ class CausalLM:
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         attn_implementation: str = "sdpa",
+        pack_weights: bool = True,
     ) -> "CausalLM":
-        """`spec`: an alias from models/weights.py, a local directory or a hub id."""
+        """`spec`: an alias from models/weights.py, a local directory or a hub id.
+        pack_weights: on fp32 CPU models, prepack every linear layer for oneDNN
+        (models/packed_linear.py), so verifying several rows costs about one decode step."""
         path = resolve_model(spec)
         torch_dtype = pick_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation
         ).to(device)
+        if pack_weights:
+            pack_linear_layers(model)  # a no-op off CPU / fp32
         return cls(model, tokenizer, name=spec)
 
     @property
     def vocab_size(self) -> int:
         """Rows of the output layer (may exceed len(tokenizer) when the embedding is padded)."""
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.model.get_output_embeddings().out_features)
 
     @property
     def max_positions(self) -> int:
