@@ -38,7 +38,7 @@ def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
     deep = DraftLengthPolicy(8, node_cost=0.01, measure_step_rounds=0)
     feed_iid(deep, 0.9, 300, 8)
     assert deep.next_length() == 8
-    shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost=0.3, measure_step_rounds=0)  # an LM drafter
+    shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost_prior=0.3, measure_step_rounds=0)  # an LM drafter
     feed_iid(shallow, 0.6, 300, 8)
     k = shallow.next_length()
     assert 1 <= k <= 3
@@ -86,9 +86,13 @@ def test_verifier_only_rounds_are_not_evidence():
     assert (policy.reached, policy.accepted) == before
 
 
-def test_measured_draft_cost_is_smoothed_ratio():
-    policy = DraftLengthPolicy(4, cost_smoothing=1.0)
-    policy.record(4, 2, draft_seconds=0.4, verify_seconds=0.5)
+def test_draft_cost_is_the_median_ratio_without_the_prefill_round():
+    policy = DraftLengthPolicy(4, draft_cost_prior=0.05)
+    # first drafting round: an LM drafter prefills the prompt (10 s): not a per-token cost
+    policy.record(4, 2, draft_seconds=10.0, verify_seconds=0.5)
+    assert policy.draft_cost == pytest.approx(0.05)  # still the prior
+    for draft_seconds in (0.4, 0.4, 3.0):  # a load spike among steady rounds
+        policy.record(4, 2, draft_seconds=draft_seconds, verify_seconds=0.5)
     assert policy.draft_cost == pytest.approx(0.4 / (4 * 0.5))
 
 

@@ -21,6 +21,9 @@ with priors (jump_cost, node_cost) until there is data. Medians, because the fir
 each new shape and load spikes on a shared machine are slow outliers. Two verifier-only
 rounds run first in every request (after the prefill round), so `step` is always measured.
 
+The drafting cost per position is the median of the same recent window of rounds, leaving out
+the first drafting round (an LM drafter prefills the prompt there).
+
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
 probed again every `probe_every` rounds so it can switch back on when the text changes
 (e.g. the model starts copying from the prompt). Rates are Beta-smoothed, exponentially
@@ -43,11 +46,10 @@ class DraftLengthPolicy:
     prior_accept: float = 0.5  # Beta prior mean of each position's acceptance rate
     prior_weight: float = 2.0  # Beta prior strength, in pseudo-rounds
     forget: float = 0.95  # per-round decay of old counts
-    cost_smoothing: float = 0.2  # EMA weight of the newest draft-cost measurement
     probe_every: int = 8  # rounds between probes while speculation is off (first interval)
     max_probe_every: int = 64  # a probe that did not pay doubles the interval, up to this
     measure_step_rounds: int = 2  # verifier-only rounds wanted for timing (forced if missing)
-    draft_cost: float = 0.0  # drafting time per position / verifier step time (measured)
+    draft_cost_prior: float = 0.0  # drafting time per position / verifier step, until measured
     reached: list[float] = field(default_factory=list)  # rounds whose draft reached position d
     accepted: list[float] = field(default_factory=list)  # ... and had position d accepted
     rounds_off: int = 0
@@ -58,6 +60,8 @@ class DraftLengthPolicy:
     step_rounds: int = 0  # verifier-only rounds timed
     step_times: deque = field(default_factory=deque)  # recent verifier-only verify seconds
     tree_times: deque = field(default_factory=deque)  # recent (nodes, verify seconds) of tree rounds
+    draft_rounds: int = 0  # rounds that drafted (timed or not)
+    draft_ratios: deque = field(default_factory=deque)  # recent draft seconds / (depth * verify seconds)
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -96,6 +100,11 @@ class DraftLengthPolicy:
         node = min(max(node, 0.0), 1.0)
         jump = statistics.median(t - 1.0 - node * n for n, t in zip(ns, ts))
         return min(max(jump, 0.0), 2.0), node
+
+    @property
+    def draft_cost(self) -> float:
+        """Drafting time per drafted position, in verifier steps: the median of recent rounds."""
+        return statistics.median(self.draft_ratios) if self.draft_ratios else self.draft_cost_prior
 
     def cost(self, k: int, nodes_per_position: float = 1.0) -> float:
         if k == 0:
@@ -167,7 +176,11 @@ class DraftLengthPolicy:
             self.reached[d - 1] += 1.0
         for d in range(1, min(accepted_length, self.max_length) + 1):
             self.accepted[d - 1] += 1.0
-        if verify_seconds > 0:
-            measured = draft_seconds / (drafted_depth * verify_seconds)
-            w = self.cost_smoothing
-            self.draft_cost = (1 - w) * self.draft_cost + w * measured
+        self.draft_rounds += 1
+        # a neural drafter's first round also prefills the whole prompt into its own cache: a
+        # one-off cost that must not count as per-token drafting cost (it would switch
+        # speculation off for dozens of rounds)
+        if verify_seconds > 0 and self.draft_rounds > 1:
+            self.draft_ratios.append(draft_seconds / (drafted_depth * verify_seconds))
+            if len(self.draft_ratios) > self.window:
+                self.draft_ratios.popleft()
