@@ -102,6 +102,19 @@ def test_internal_calls_round_trip():
     assert convert.verify_reply_from_proto(convert.verify_reply_to_proto(vreply)) == vreply
 
 
+def test_mcsd_ti_fields_round_trip():
+    sampling = SamplingParams()
+    for roots in (None, [], [4, 9]):  # no roots (other rules) is not the same as an empty list
+        call = DraftCall("s1", [1, 2, 3], 2, sampling, seed=3, roots=roots)
+        back = convert.draft_call_from_proto(
+            int_pb.DraftCall.FromString(convert.draft_call_to_proto(call).SerializeToString()))
+        assert back.roots == roots
+    vcall = VerifyCall("s1", [1, 2], _tree(), sampling, "mcsd-ti", RuleParams(), seed=7, ti_width=3)
+    assert convert.verify_call_from_proto(convert.verify_call_to_proto(vcall)).ti_width == 3
+    vreply = VerifyReply([5], [0], {}, 0.1, next_roots=[7, 8])
+    assert convert.verify_reply_from_proto(convert.verify_reply_to_proto(vreply)).next_roots == [7, 8]
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

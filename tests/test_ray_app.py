@@ -124,6 +124,17 @@ def test_local_app_rejects_bad_input_with_invalid_argument(local_router):
     assert grpc_status_for(info.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_local_app_runs_mcsd_ti_through_remote_backends(local_router, temperature):
+    # the LOSSY improved MCSD carries its target roots over the wire (DraftCall.roots, VerifyReply.next_roots)
+    request = token_request(16, tree=gen_pb.TreeConfig(branching=[2, 1, 1]))
+    request.rule = "mcsd-ti"
+    request.sampling.temperature = temperature
+    reply = local_router.Generate.remote(request).result()
+    assert len(reply.token_ids) == 16 or reply.token_ids[-1] == 2
+    assert reply.stats.generated_tokens == len(reply.token_ids)
+
+
 # ---------------------------------------------------------------- remote backends, no Ray needed
 
 
@@ -216,6 +227,30 @@ def test_remote_drafter_timeout_cancels_and_raises():
     with pytest.raises(WorkerUnavailable):
         asyncio.run(drafter.draft(DraftCall("s1", [1, 2], 3, SamplingParams(), seed=1)))
     assert handle.responses[0].cancelled
+
+
+@pytest.mark.parametrize(
+    "rule, encoding",
+    [("greedy", "ROW_ENCODING_OMIT"), ("tas", "ROW_ENCODING_OMIT"), ("cactus", "ROW_ENCODING_FP16"),
+     ("mcsd-ti", "ROW_ENCODING_FP16"), ("sps", "ROW_ENCODING_EXACT"), ("rrs", "ROW_ENCODING_EXACT"),
+     ("", "ROW_ENCODING_EXACT")],
+)
+def test_remote_drafter_asks_only_for_the_rows_the_rule_reads(rule, encoding):
+    from specserve.engine.workers import DraftCall, DraftReply
+    from specserve.sampling.params import SamplingParams
+    from specserve.tree.token_tree import TokenTree
+    from specserve.serve import convert
+    from specserve.v1 import internal_pb2 as int_pb
+
+    seen = []
+
+    async def answer(payload):
+        seen.append(int_pb.DraftCall.FromString(payload).row_encoding)
+        return convert.draft_reply_to_proto(DraftReply(TokenTree(), "small")).SerializeToString()
+
+    asyncio.run(RemoteDrafter("small", FakeHandle(answer), timeout_s=1.0).draft(
+        DraftCall("s1", [1, 2], 3, SamplingParams(), seed=1, rule=rule)))
+    assert seen == [int_pb.RowEncoding.Value(encoding)]
 
 
 def test_engine_request_type_is_what_the_router_speaks():

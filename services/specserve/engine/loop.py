@@ -131,6 +131,7 @@ class DecodeLoop:
                     tree_config=tuple(request.tree_config[:depth]) if request.tree_config and not ti else None,
                     coupling=coupling,
                     roots=list(roots) if ti else None,
+                    rule=request.rule,
                 )
                 replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
                 trees = [r.tree for r in replies if r is not None]

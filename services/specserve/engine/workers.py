@@ -31,6 +31,9 @@ class DraftCall:
     coupling: Coupling = "independent"  # how siblings are sampled (rule-dependent)
     # mcsd-ti (LOSSY): target-initialised roots; extend EACH root with a chain of num_tokens
     roots: list[int] | None = None
+    # the round's acceptance rule: drafters ignore it; a remote transport uses it to ship only
+    # the draft rows the rule reads (none for greedy/tas, fp16 for lossy rules, else exact)
+    rule: str = ""
 
 
 @dataclass

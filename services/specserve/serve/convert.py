@@ -158,6 +158,8 @@ def draft_call_to_proto(call: DraftCall, row_encoding: int = int_pb.ROW_ENCODING
         tree_config=list(call.tree_config or ()),
         coupling=_COUPLING_TO_PB[call.coupling],
         row_encoding=row_encoding,
+        roots=list(call.roots or ()),
+        has_roots=call.roots is not None,
     )
 
 
@@ -171,6 +173,7 @@ def draft_call_from_proto(msg: int_pb.DraftCall) -> DraftCall:
         seed=msg.seed,
         tree_config=tuple(msg.tree_config) or None,
         coupling=_COUPLING_FROM_PB[msg.coupling],
+        roots=list(msg.roots) if msg.has_roots else None,
     )
 
 
@@ -194,6 +197,7 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
         rule=call.rule,
         rule_params=int_pb.RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
         seed=call.seed,
+        ti_width=call.ti_width,
     )
 
 
@@ -207,6 +211,7 @@ def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
         rule=msg.rule,
         rule_params=RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
         seed=msg.seed,
+        ti_width=msg.ti_width,
     )
 
 
@@ -216,6 +221,7 @@ def verify_reply_to_proto(reply: VerifyReply) -> int_pb.VerifyReply:
         path=reply.path,
         accepted_by_drafter=reply.accepted_by_drafter,
         seconds=reply.seconds,
+        next_roots=reply.next_roots,
     )
 
 
@@ -225,6 +231,7 @@ def verify_reply_from_proto(msg: int_pb.VerifyReply) -> VerifyReply:
         path=list(msg.path),
         accepted_by_drafter=dict(msg.accepted_by_drafter),
         seconds=msg.seconds,
+        next_roots=list(msg.next_roots),
     )
 
 

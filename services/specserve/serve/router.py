@@ -69,9 +69,10 @@ class RemoteDrafter:
         self._affinity = affinity
 
     async def draft(self, call: DraftCall) -> DraftReply:
-        # EXACT rows: correct for every rule (DraftCall does not say which rule the round uses, and
-        # greedy rows are one-hot, i.e. one sparse entry each).
-        payload = convert.draft_call_to_proto(call, int_pb.ROW_ENCODING_EXACT).SerializeToString()
+        # only the rows the round's rule reads: none for greedy/tas, fp16 for lossy rules, exact
+        # fp32 otherwise (and when a caller did not say which rule)
+        encoding = convert.row_encoding_for_rule(call.rule) if call.rule else int_pb.ROW_ENCODING_EXACT
+        payload = convert.draft_call_to_proto(call, encoding).SerializeToString()
         try:
             raw = await _call(self._handle, "draft", payload, call.session_id, self._timeout_s,
                               self._grpc_transport, self._affinity)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/internal.proto\x12\x15specserve.v1.internal\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\"C\n\nRuleParams\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\x01\x12\x13\n\x0btas_epsilon\x18\x02 \x01(\x01\x12\x11\n\ttas_alpha\x18\x03 \x01(\x01\"~\n\x07ProbRow\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.specserve.v1.internal.RowDType\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12\x0e\n\x06sparse\x18\x05 \x01(\x08\"7\n\x08Proposal\x12\r\n\x05\x63hild\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0b\n\x03row\x18\x03 \x01(\x05\"\xbb\x01\n\x06\x42ranch\x12\x0e\n\x06parent\x18\x01 \x01(\x05\x12\x32\n\tproposals\x18\x02 \x03(\x0b\x32\x1f.specserve.v1.internal.Proposal\x12\x31\n\x08\x63oupling\x18\x03 \x01(\x0e\x32\x1f.specserve.v1.internal.Coupling\x12\x14\n\x0chas_coupling\x18\x04 \x01(\x08\x12\x16\n\thub_token\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_hub_token\"\x8b\x01\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12/\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x1d.specserve.v1.internal.Branch\x12,\n\x04rows\x18\x04 \x03(\x0b\x32\x1e.specserve.v1.internal.ProbRow\"\x8f\x02\n\tDraftCall\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.specserve.v1.internal.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0btree_config\x18\x06 \x03(\x05\x12\x31\n\x08\x63oupling\x18\x07 \x01(\x0e\x32\x1f.specserve.v1.internal.Coupling\x12\x38\n\x0crow_encoding\x18\x08 \x01(\x0e\x32\".specserve.v1.internal.RowEncoding\"^\n\nDraftReply\x12.\n\x04tree\x18\x01 \x01(\x0b\x32 .specserve.v1.internal.TokenTree\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xf0\x01\n\nVerifyCall\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x03(\x05\x12.\n\x04tree\x18\x03 \x01(\x0b\x32 .specserve.v1.internal.TokenTree\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.specserve.v1.internal.SamplingParams\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x36\n\x0brule_params\x18\x06 \x01(\x0b\x32!.specserve.v1.internal.RuleParams\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"\xce\x01\n\x0bVerifyReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04path\x18\x02 \x03(\x05\x12V\n\x13\x61\x63\x63\x65pted_by_drafter\x18\x03 \x03(\x0b\x32\x39.specserve.v1.internal.VerifyReply.AcceptedByDrafterEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x1a\x38\n\x16\x41\x63\x63\x65ptedByDrafterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*X\n\x08\x43oupling\x12\x18\n\x14\x43OUPLING_INDEPENDENT\x10\x00\x12 \n\x1c\x43OUPLING_WITHOUT_REPLACEMENT\x10\x01\x12\x10\n\x0c\x43OUPLING_HUB\x10\x02*S\n\x0bRowEncoding\x12\x16\n\x12ROW_ENCODING_EXACT\x10\x00\x12\x15\n\x11ROW_ENCODING_FP16\x10\x01\x12\x15\n\x11ROW_ENCODING_OMIT\x10\x02*2\n\x08RowDType\x12\x12\n\x0eROW_DTYPE_FP32\x10\x00\x12\x12\n\x0eROW_DTYPE_FP16\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspecserve/v1/internal.proto\x12\x15specserve.v1.internal\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\"C\n\nRuleParams\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\x01\x12\x13\n\x0btas_epsilon\x18\x02 \x01(\x01\x12\x11\n\ttas_alpha\x18\x03 \x01(\x01\"~\n\x07ProbRow\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12.\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1f.specserve.v1.internal.RowDType\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0f\n\x07indices\x18\x04 \x01(\x0c\x12\x0e\n\x06sparse\x18\x05 \x01(\x08\"7\n\x08Proposal\x12\r\n\x05\x63hild\x18\x01 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0b\n\x03row\x18\x03 \x01(\x05\"\xbb\x01\n\x06\x42ranch\x12\x0e\n\x06parent\x18\x01 \x01(\x05\x12\x32\n\tproposals\x18\x02 \x03(\x0b\x32\x1f.specserve.v1.internal.Proposal\x12\x31\n\x08\x63oupling\x18\x03 \x01(\x0e\x32\x1f.specserve.v1.internal.Coupling\x12\x14\n\x0chas_coupling\x18\x04 \x01(\x08\x12\x16\n\thub_token\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_hub_token\"\x8b\x01\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12/\n\x08\x62ranches\x18\x03 \x03(\x0b\x32\x1d.specserve.v1.internal.Branch\x12,\n\x04rows\x18\x04 \x03(\x0b\x32\x1e.specserve.v1.internal.ProbRow\"\xb1\x02\n\tDraftCall\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.specserve.v1.internal.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x13\n\x0btree_config\x18\x06 \x03(\x05\x12\x31\n\x08\x63oupling\x18\x07 \x01(\x0e\x32\x1f.specserve.v1.internal.Coupling\x12\x38\n\x0crow_encoding\x18\x08 \x01(\x0e\x32\".specserve.v1.internal.RowEncoding\x12\r\n\x05roots\x18\t \x03(\x05\x12\x11\n\thas_roots\x18\n \x01(\x08\"^\n\nDraftReply\x12.\n\x04tree\x18\x01 \x01(\x0b\x32 .specserve.v1.internal.TokenTree\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x82\x02\n\nVerifyCall\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tcommitted\x18\x02 \x03(\x05\x12.\n\x04tree\x18\x03 \x01(\x0b\x32 .specserve.v1.internal.TokenTree\x12\x37\n\x08sampling\x18\x04 \x01(\x0b\x32%.specserve.v1.internal.SamplingParams\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x36\n\x0brule_params\x18\x06 \x01(\x0b\x32!.specserve.v1.internal.RuleParams\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x10\n\x08ti_width\x18\x08 \x01(\x05\"\xe2\x01\n\x0bVerifyReply\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04path\x18\x02 \x03(\x05\x12V\n\x13\x61\x63\x63\x65pted_by_drafter\x18\x03 \x03(\x0b\x32\x39.specserve.v1.internal.VerifyReply.AcceptedByDrafterEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x12\n\nnext_roots\x18\x05 \x03(\x05\x1a\x38\n\x16\x41\x63\x63\x65ptedByDrafterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*X\n\x08\x43oupling\x12\x18\n\x14\x43OUPLING_INDEPENDENT\x10\x00\x12 \n\x1c\x43OUPLING_WITHOUT_REPLACEMENT\x10\x01\x12\x10\n\x0c\x43OUPLING_HUB\x10\x02*S\n\x0bRowEncoding\x12\x16\n\x12ROW_ENCODING_EXACT\x10\x00\x12\x15\n\x11ROW_ENCODING_FP16\x10\x01\x12\x15\n\x11ROW_ENCODING_OMIT\x10\x02*2\n\x08RowDType\x12\x12\n\x0eROW_DTYPE_FP32\x10\x00\x12\x12\n\x0eROW_DTYPE_FP16\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._loaded_options = None
   _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._serialized_options = b'8\001'
-  _globals['_COUPLING']._serialized_start=1531
-  _globals['_COUPLING']._serialized_end=1619
-  _globals['_ROWENCODING']._serialized_start=1621
-  _globals['_ROWENCODING']._serialized_end=1704
-  _globals['_ROWDTYPE']._serialized_start=1706
-  _globals['_ROWDTYPE']._serialized_end=1756
+  _globals['_COUPLING']._serialized_start=1603
+  _globals['_COUPLING']._serialized_end=1691
+  _globals['_ROWENCODING']._serialized_start=1693
+  _globals['_ROWENCODING']._serialized_end=1776
+  _globals['_ROWDTYPE']._serialized_start=1778
+  _globals['_ROWDTYPE']._serialized_end=1828
   _globals['_SAMPLINGPARAMS']._serialized_start=54
   _globals['_SAMPLINGPARAMS']._serialized_end=121
   _globals['_RULEPARAMS']._serialized_start=123
@@ -52,13 +52,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENTREE']._serialized_start=568
   _globals['_TOKENTREE']._serialized_end=707
   _globals['_DRAFTCALL']._serialized_start=710
-  _globals['_DRAFTCALL']._serialized_end=981
-  _globals['_DRAFTREPLY']._serialized_start=983
-  _globals['_DRAFTREPLY']._serialized_end=1077
-  _globals['_VERIFYCALL']._serialized_start=1080
-  _globals['_VERIFYCALL']._serialized_end=1320
-  _globals['_VERIFYREPLY']._serialized_start=1323
-  _globals['_VERIFYREPLY']._serialized_end=1529
-  _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._serialized_start=1473
-  _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._serialized_end=1529
+  _globals['_DRAFTCALL']._serialized_end=1015
+  _globals['_DRAFTREPLY']._serialized_start=1017
+  _globals['_DRAFTREPLY']._serialized_end=1111
+  _globals['_VERIFYCALL']._serialized_start=1114
+  _globals['_VERIFYCALL']._serialized_end=1372
+  _globals['_VERIFYREPLY']._serialized_start=1375
+  _globals['_VERIFYREPLY']._serialized_end=1601
+  _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._serialized_start=1545
+  _globals['_VERIFYREPLY_ACCEPTEDBYDRAFTERENTRY']._serialized_end=1601
 # @@protoc_insertion_point(module_scope)

@@ -103,7 +103,7 @@ class TokenTree(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ProbRow, _Mapping]]] = ...) -> None: ...
 
 class DraftCall(_message.Message):
-    __slots__ = ("session_id", "committed", "num_tokens", "sampling", "seed", "tree_config", "coupling", "row_encoding")
+    __slots__ = ("session_id", "committed", "num_tokens", "sampling", "seed", "tree_config", "coupling", "row_encoding", "roots", "has_roots")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class DraftCall(_message.Message):
     TREE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     COUPLING_FIELD_NUMBER: _ClassVar[int]
     ROW_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_ROOTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
@@ -120,7 +122,9 @@ class DraftCall(_message.Message):
     tree_config: _containers.RepeatedScalarFieldContainer[int]
     coupling: Coupling
     row_encoding: RowEncoding
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ...) -> None: ...
+    roots: _containers.RepeatedScalarFieldContainer[int]
+    has_roots: bool
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ...) -> None: ...
 
 class DraftReply(_message.Message):
     __slots__ = ("tree", "drafter", "seconds")
@@ -133,7 +137,7 @@ class DraftReply(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ..., drafter: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyCall(_message.Message):
-    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed")
+    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,7 @@ class VerifyCall(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     RULE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TI_WIDTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     tree: TokenTree
@@ -148,10 +153,11 @@ class VerifyCall(_message.Message):
     rule: str
     rule_params: RuleParams
     seed: int
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    ti_width: int
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
-    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds")
+    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots")
     class AcceptedByDrafterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,8 +169,10 @@ class VerifyReply(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_BY_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROOTS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     path: _containers.RepeatedScalarFieldContainer[int]
     accepted_by_drafter: _containers.ScalarMap[str, int]
     seconds: float
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    next_roots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ...) -> None: ...
