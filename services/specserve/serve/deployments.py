@@ -164,6 +164,7 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
 
     from ..engine.loop import DecodeLoop
     from ..models.weights import resolve_model
+    from .metrics import ServeMetrics
     from .service import GenerationService
     from .validation import ModelInfo
 
@@ -175,7 +176,8 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
         drafters=tuple(d.name for d in drafters),
     )
     loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s)
-    return GenerationService(loop, AutoTokenizer.from_pretrained(path), model)
+    # recorded through ray.serve.metrics: Ray's metrics agent exports them with the replica tags
+    return GenerationService(loop, AutoTokenizer.from_pretrained(path), model, metrics=ServeMetrics(backend="ray"))
 
 
 def grpc_status_for(exc: BaseException):
