@@ -27,6 +27,8 @@ class _Recorder:
 
 class FakeCounter(_Recorder):
     def inc(self, value=1.0, tags=None):
+        if value <= 0:
+            raise ValueError(f"value must be >0, got {value}")  # as ray.util.metrics.Counter
         self._record("inc", value, tags)
 
 
@@ -54,6 +56,8 @@ def ray_metrics(monkeypatch):
 def test_ray_backend_records_rounds_with_tags(ray_metrics):
     metrics = ServeMetrics(backend="ray")
     metrics.observe_round("sps", ROUND, 0.25)
+    metrics.observe_round("sps", RoundResult(tokens=[], num_drafted=0, num_accepted=0), 0.1)  # zero counts
+    metrics.generated_tokens.labels("sps").inc(0)
     metrics.requests_running.inc()
     metrics.requests_running.inc()
     metrics.requests_running.dec()
@@ -62,7 +66,7 @@ def test_ray_backend_records_rounds_with_tags(ray_metrics):
     assert ("inc", "specserve_spec_decode_num_accepted_tokens", 2, {"rule": "sps", "drafter": "lm"}) in calls
     per_pos = [c for c in calls if c[:2] == ("inc", "specserve_spec_decode_num_accepted_tokens_per_pos")]
     assert [c[3]["position"] for c in per_pos] == ["0", "1"]
-    assert ("set", "specserve_spec_decode_mean_acceptance_length", 2.0, {"rule": "sps"}) in calls
+    assert ("set", "specserve_spec_decode_mean_acceptance_length", 1.0, {"rule": "sps"}) in calls  # 2 / 2 rounds
     assert ("observe", "specserve_round_seconds", 0.25, {"rule": "sps"}) in calls
     # the gauge follows inc/dec although Ray gauges can only be set
     running = [c[2] for c in calls if c[:2] == ("set", "specserve_requests_running")]

@@ -56,7 +56,8 @@ class _RayMetric:
 
     def inc(self, amount: float = 1.0) -> None:
         if hasattr(self._metric, "inc"):
-            self._metric.inc(amount, tags=self._tags or None)
+            if amount > 0:  # Ray counters refuse 0 (prometheus_client takes it as a no-op)
+                self._metric.inc(amount, tags=self._tags or None)
         else:
             self._value += amount
             self._metric.set(self._value, tags=self._tags or None)
