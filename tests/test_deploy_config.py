@@ -87,3 +87,13 @@ def test_settings_reject_unknown_and_inconsistent_fields():
         AppSettings.model_validate({"ngram": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
     with pytest.raises(ValueError):
         build_app({"drafters": ["huge"]})
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [({"profile": "cpu"}, False), ({"profile": "gpu"}, True),
+     ({"profile": "gpu", "overlap_drafting": False}, False), ({"profile": "cpu", "overlap_drafting": True}, True)],
+)
+def test_overlapped_drafting_defaults_on_for_gpu_only(overrides, expected):
+    # on one CPU the drafters would compete with the verifier for the same cores
+    assert AppSettings.model_validate(overrides).overlap is expected

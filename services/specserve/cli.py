@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
     g.add_argument("--draft-length", type=non_negative_int, default=6, help="maximum draft depth per round (dynamic length may use less)")
     g.add_argument("--fixed-length", action="store_true", help="always draft --draft-length (no dynamic draft length)")
+    g.add_argument("--overlap", action="store_true",
+                   help="draft the next round while the verifier checks this one (pays when drafters have "
+                        "their own device; on a shared CPU they compete for the cores)")
     g.add_argument("--tree", type=tree_config, default=None, metavar="K1,K2,...", help="MCSD k-config tree from each LM drafter, e.g. 4,2,2 (lossless with sps/rrs/rrs-wor/spechub); "
                    "with --rule mcsd-ti (LOSSY) one number: the root width W (default 2)")
     g.add_argument("--seed", type=int, default=None)
@@ -280,7 +283,8 @@ def run_generate(args: argparse.Namespace) -> int:
         drafters = [LocalDrafter(cascade)]
     else:
         drafters = make_local_drafters(specs, lm)
-    engine = SpeculativeEngine(LocalVerifier(lm), drafters, dynamic_length=not args.fixed_length)
+    engine = SpeculativeEngine(LocalVerifier(lm), drafters, dynamic_length=not args.fixed_length,
+                               overlap_drafting=args.overlap)
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=args.max_new_tokens,

@@ -7,6 +7,13 @@ backends, engine/local.py) and in the Ray Serve router (remote backends).
 Fault tolerance lives here: a drafter that raises or misses its deadline is dropped for the
 round and the round goes on with the others; with no drafter left it is a verifier-only
 round (plain decoding, one token). Drafters change speed, never the output.
+
+Overlapped drafting (`overlap_drafting=True`, for drafters on their own devices): while the
+verifier checks a chain, the drafters already draft the next round from the committed text +
+the whole chain, i.e. betting on full acceptance, one token deeper than needed. If the chain is
+fully accepted and a drafter's first token equals the verifier's bonus token, the rest of that
+draft IS the next round's draft (drawn from the right context), so that round skips drafting.
+Otherwise it is dropped. Only the timing changes, never the output law.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 from ..cascade.draft_length import DraftLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
-from .merge import drafted_by_drafter, merge_trees
+from .merge import drafted_by_drafter, merge_trees, subtree_after
 from .types import GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
 
@@ -44,6 +51,8 @@ class DecodeLoop:
     draft_timeout_s: a drafter's deadline per round (None = wait for it).
     dynamic_length: choose each round's depth with cascade/draft_length.py (request.draft_length
     is then the maximum); False drafts exactly request.draft_length every round.
+    overlap_drafting: draft the next round while the verifier checks this one (module doc); it
+    pays when drafters and verifier run on different devices, not when they share CPU cores.
     """
 
     def __init__(
@@ -54,6 +63,7 @@ class DecodeLoop:
         draft_timeout_s: float | None = None,
         dynamic_length: bool = True,
         node_cost: float = 0.01,
+        overlap_drafting: bool = False,
     ) -> None:
         names = [d.name for d in drafters]
         if len(set(names)) != len(names):
@@ -63,6 +73,7 @@ class DecodeLoop:
         self.draft_timeout_s = draft_timeout_s
         self.dynamic_length = dynamic_length
         self.node_cost = node_cost
+        self.overlap_drafting = overlap_drafting
 
     def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
         if request.drafters is None:
@@ -81,6 +92,10 @@ class DecodeLoop:
         except Exception as exc:  # noqa: BLE001 - any drafter failure only costs speed
             log.warning("drafter %s dropped for this round: %r", drafter.name, exc)
             return None
+
+    async def _draft_all(self, drafters: Sequence[DrafterBackend], call: DraftCall) -> list[TokenTree]:
+        replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
+        return [r.tree for r in replies if r is not None]
 
     async def rounds(
         self, request: GenerationRequest, stats: GenerationStats | None = None
@@ -106,6 +121,7 @@ class DecodeLoop:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         policy = DraftLengthPolicy(max_depth, node_cost=self.node_cost) if self.dynamic_length else None
         committed = list(request.prompt_ids)
+        ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         generated = 0
         round_index = 0
         nodes_per_position = 1.0
@@ -121,7 +137,10 @@ class DecodeLoop:
 
             trees: list[TokenTree] = []
             draft_seconds = 0.0
-            if depth > 0:
+            drafted_ahead = depth > 0 and bool(ahead_trees)
+            if drafted_ahead:  # drafted during the last verification (overlap); cut to `depth` below
+                trees = ahead_trees
+            elif depth > 0:
                 call = DraftCall(
                     session_id=session_id,
                     committed=list(committed),
@@ -133,9 +152,9 @@ class DecodeLoop:
                     roots=list(roots) if ti else None,
                     rule=request.rule,
                 )
-                replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
-                trees = [r.tree for r in replies if r is not None]
+                trees = await self._draft_all(drafters, call)
                 draft_seconds = time.perf_counter() - started
+            ahead_trees = []
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
                 for root in roots:
@@ -144,8 +163,23 @@ class DecodeLoop:
             else:
                 tree = merge_trees(trees, max_depth=depth)
 
+            # overlap: bet on full acceptance of a chain and draft the next round meanwhile
+            ahead: asyncio.Task | None = None
+            if self.overlap_drafting and not ti and not request.tree_config and len(tree) and tree.is_chain():
+                ahead_depth = min(max_depth, remaining - len(tree) - 2)
+                if ahead_depth > 0:
+                    ahead = asyncio.ensure_future(self._draft_all(drafters, DraftCall(
+                        session_id=session_id,
+                        committed=[*committed, *tree.tokens],
+                        num_tokens=ahead_depth + 1,  # + the guess of the bonus token
+                        sampling=request.sampling,
+                        seed=round_seed(seed, (1 << 32) + round_index),  # its own RNG stream
+                        coupling=coupling,
+                        rule=request.rule,
+                    )))
+
             verify_started = time.perf_counter()
-            reply = await self.verifier.verify(
+            verify_call = self.verifier.verify(
                 VerifyCall(
                     session_id=session_id,
                     committed=list(committed),
@@ -157,6 +191,19 @@ class DecodeLoop:
                     ti_width=ti_width,
                 )
             )
+            try:
+                reply = await verify_call
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            if ahead is not None:
+                if len(reply.path) == len(tree) and len(reply.tokens) == len(tree) + 1:
+                    bonus = reply.tokens[-1]
+                    ahead_trees = [t for t in (subtree_after(x, bonus) for x in await ahead) if t is not None]
+                    ahead_trees = [t for t in ahead_trees if len(t)]
+                else:
+                    ahead.cancel()  # the bet lost: the next round drafts from the real text
             if ti:
                 if not reply.next_roots:
                     raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")
@@ -210,6 +257,7 @@ class DecodeLoop:
                 draft_seconds=draft_seconds,
                 verify_seconds=verify_seconds,
                 drafted_depth=drafted_depth,
+                drafted_ahead=drafted_ahead,
             )
             if stats is not None:
                 stats.add_round(result, time.perf_counter() - started)

@@ -53,3 +53,27 @@ def accepted_by_drafter(tree: TokenTree, path: list[int]) -> dict[str, int]:
             counts[name] = counts.get(name, 0) + 1
         parent = node
     return counts
+
+
+def subtree_after(tree: TokenTree, first_token: int) -> TokenTree | None:
+    """The part of `tree` below its first-level node `first_token`, re-rooted (its children become
+    first-level nodes), with every proposal, row and coupling kept; None when no first-level node
+    has that token. Used to reuse a draft made one token ahead (overlapped drafting)."""
+    top = tree.child_with_token(ROOT, first_token)
+    if top is None:
+        return None
+    out = TokenTree()
+    node_map = {top: ROOT}
+    for parent in range(top, len(tree)):  # topological order: descendants come after `top`
+        if parent not in node_map:
+            continue
+        new_parent = node_map[parent]
+        if parent in tree.coupling:
+            out.coupling[new_parent] = tree.coupling[parent]
+        if parent in tree.hub_token:
+            out.hub_token[new_parent] = tree.hub_token[parent]
+        for proposal in tree.proposals.get(parent, []):
+            node_map[proposal.child] = out.propose(
+                new_parent, tree.tokens[proposal.child], proposal.draft_probs, proposal.drafter
+            )
+    return out

@@ -47,6 +47,7 @@ class RoundResult:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     drafted_depth: int = 0  # deepest draft node this round (0 = verifier-only round)
+    drafted_ahead: bool = False  # its draft was made during the previous verification (overlap)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class GenerationStats:
     seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    rounds_drafted_ahead: int = 0  # rounds whose draft came from overlapped drafting
 
     def add_round(self, result: RoundResult, seconds: float = 0.0) -> None:
         """Fold one round in. Per-position counts: a round *offers* positions 1..drafted_depth and
@@ -85,6 +87,7 @@ class GenerationStats:
         self.seconds += seconds
         self.draft_seconds += result.draft_seconds
         self.verify_seconds += result.verify_seconds
+        self.rounds_drafted_ahead += int(result.drafted_ahead)
 
     def acceptance_rate(self, drafter: str) -> float:
         """Accepted / proposed tokens of one drafter (0 when it proposed nothing)."""

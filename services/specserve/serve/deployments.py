@@ -175,7 +175,8 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
         max_context=getattr(config, "max_position_embeddings", 2048),
         drafters=tuple(d.name for d in drafters),
     )
-    loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s)
+    loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
+                      overlap_drafting=settings.overlap)
     # recorded through ray.serve.metrics: Ray's metrics agent exports them with the replica tags
     return GenerationService(loop, AutoTokenizer.from_pretrained(path), model, metrics=ServeMetrics(backend="ray"))
 

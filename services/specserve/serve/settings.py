@@ -143,6 +143,13 @@ class AppSettings(_Strict):
     session_affinity: bool = True  # consistent-hash the session id onto worker replicas
     grpc_transport: bool = True  # Serve's interdeployment gRPC instead of Ray object refs
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024)
+    # draft the next round while the verifier checks this one (engine/loop.py); None = on for
+    # the gpu profile (drafters on their own nodes), off for cpu (they would share the cores)
+    overlap_drafting: bool | None = None
+
+    @property
+    def overlap(self) -> bool:
+        return self.profile == "gpu" if self.overlap_drafting is None else self.overlap_drafting
 
     @model_validator(mode="before")
     @classmethod
