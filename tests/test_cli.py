@@ -26,6 +26,7 @@ from specserve.engine.types import GenerationStats
         (["generate", "hi", "--rule", "nope"], "--rule"),
         (["generate", "hi", "--drafter", "early-exit:x"], "--drafter"),
         (["generate", "hi", "--drafter", "early-exit:0"], "--drafter"),
+        (["generate", "hi", "--drafter", "ngram:/no/such/corpus.txt"], "--drafter"),
         (["generate", "hi", "--cascade-k", "4,2;a"], "--cascade-k"),
         (["generate", "hi", "--dtype", "int3"], "--dtype"),
         (["generate", "hi", "--cascade", "--lenience", "0.5"], "--lenience"),

@@ -19,6 +19,7 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .engine.types import LOSSY_RULES, RULES
 
@@ -89,6 +90,8 @@ def drafter_spec(text: str) -> str:
             parse_early_exit(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+    if text.startswith("ngram:") and not Path(text.split(":", 1)[1]).is_file():
+        raise argparse.ArgumentTypeError(f"ngram bigram corpus {text.split(':', 1)[1]!r} is not a file")
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verifier", default=DEFAULT_VERIFIER, help=f"verifier model: alias, local path or hub id (default {DEFAULT_VERIFIER})")
     g.add_argument(
         "--drafter", action="append", type=drafter_spec, default=None,
-        help='drafter, repeatable: "ngram" (Max-Gram), "prompt-lookup", "early-exit:N" (the verifier\'s '
+        help='drafter, repeatable: "ngram" (Max-Gram), "ngram:FILE" (Max-Gram + a bigram table from FILE, one text per line), "prompt-lookup", "early-exit:N" (the verifier\'s '
         "first N layers) or a model sharing the verifier's tokenizer (default: ngram + prompt-lookup)",
     )
     g.add_argument("--cascade", action="store_true", help="CS Drafting: the neural --drafter models (largest first) review each other's drafts down to Max-Gram, as ONE drafter")

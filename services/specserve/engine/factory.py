@@ -1,6 +1,8 @@
 """Drafter specs (what the CLI and config files say) -> in-process drafter backends.
 
     "ngram"          Max-Gram (CS Drafting's statistical bottom; costs ~0)
+    "ngram:PATH"     Max-Gram with its bigram fallback table built from a text file (one text per
+                     line), tokenized with the verifier's tokenizer
     "prompt-lookup"  prompt lookup decoding (n-gram copy from the context)
     "early-exit:N"   the verifier's first N layers (shares its weights)
     anything else    a causal LM (alias, local path or hub id) sharing the verifier's tokenizer
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
 from ..models.base import Drafter
@@ -18,6 +21,23 @@ from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
 from .local import LocalDrafter
 
 STATISTICAL = ("ngram", "prompt-lookup")
+
+
+def is_statistical(spec: str) -> bool:
+    return spec in STATISTICAL or spec.startswith("ngram:")
+
+
+def make_max_gram(spec: str, verifier: CausalLM) -> MaxGramDrafter:
+    """"ngram" -> Max-Gram without a bigram table; "ngram:PATH" -> with one built from PATH."""
+    if spec == "ngram":
+        return MaxGramDrafter(name="ngram")
+    path = Path(spec.split(":", 1)[1])
+    if not path.is_file():
+        raise ValueError(f"ngram drafter: corpus file {str(path)!r} (from {spec!r}) does not exist")
+    if verifier.tokenizer is None:
+        raise ValueError("ngram drafter: a bigram corpus needs the verifier's tokenizer")
+    texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return MaxGramDrafter.from_texts(verifier.tokenizer, texts, name="ngram")
 
 
 def parse_early_exit(spec: str) -> int:
@@ -40,8 +60,8 @@ def load_drafter_lm(spec: str, verifier: CausalLM) -> CausalLM:
 
 
 def make_drafter(spec: str, verifier: CausalLM) -> Drafter:
-    if spec == "ngram":
-        return MaxGramDrafter(name=spec)
+    if spec == "ngram" or spec.startswith("ngram:"):
+        return make_max_gram(spec, verifier)
     if spec == "prompt-lookup":
         return PromptLookupDrafter(name=spec)
     if spec.startswith("early-exit:"):
@@ -59,12 +79,16 @@ def make_cascade(
 ) -> CascadeDrafter:
     """CS Drafting over the neural drafters in `specs` (largest first, as given) with Max-Gram at
     the bottom; statistical specs other than the bottom are not cascade levels."""
-    neural = [s for s in specs if s not in STATISTICAL]
+    neural = [s for s in specs if not is_statistical(s)]
+    corpus = [s for s in specs if s.startswith("ngram:")]
     reviewers = [LMReviewer(load_drafter_lm(s, verifier), name=s) for s in neural]
     k = k_matrix or default_k_matrix(len(reviewers) + 1, draft_length)
     name = "cascade(" + ">".join([*neural, "ngram"]) + ")"
-    return CascadeDrafter(reviewers, MaxGramDrafter(name="ngram"), k, lenience=lenience, name=name)
+    bottom = make_max_gram(corpus[0] if corpus else "ngram", verifier)
+    return CascadeDrafter(reviewers, bottom, k, lenience=lenience, name=name)
 
 
 def make_local_drafters(specs: Sequence[str], verifier: CausalLM) -> list[LocalDrafter]:
-    return [LocalDrafter(make_drafter(spec, verifier), name=spec) for spec in specs]
+    # "ngram:PATH" reports as "ngram" (stats and metrics labels stay short)
+    return [LocalDrafter(make_drafter(spec, verifier), name=spec.split(":", 1)[0] if spec.startswith("ngram:") else spec)
+            for spec in specs]
