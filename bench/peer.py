@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 PEER_METHODS = ("hf-plain", "hf-assisted", "hf-prompt-lookup", "hf-early-exit")
 
@@ -75,6 +76,24 @@ class PeerResult:
     tokens: list[int]
     seconds: float
     counts: PeerCounts | None  # None for hf-plain (one verifier pass per token)
+    first_token_seconds: float | None = None  # time to the first new token (prefill included)
+
+
+class _FirstTokenStreamer(BaseStreamer):
+    """A transformers streamer that only notes when the first new token arrives (generate's first
+    `put` is the prompt, the second the first new token)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def peer_generate(
@@ -111,6 +130,8 @@ def peer_generate(
     elif method == "hf-early-exit":
         kwargs["assistant_early_exit"] = early_exit_layers
     counts = PeerCounts() if method != "hf-plain" else None
+    first = _FirstTokenStreamer()
+    kwargs["streamer"] = first
     undo = _instrument(model, counts) if counts is not None else None
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
     try:
@@ -119,8 +140,9 @@ def peer_generate(
         with torch.inference_mode():
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         seconds = time.perf_counter() - t0
+        first_token_seconds = None if first.at is None else first.at - t0
     finally:
         if undo is not None:
             undo()
     tokens = [int(t) for t in out[0, len(prompt_ids) :]]
-    return PeerResult(tokens, seconds, counts)
+    return PeerResult(tokens, seconds, counts, first_token_seconds)

@@ -58,6 +58,15 @@ def speed_report(result: dict) -> str:
                                for c in cats + ["all"]])
         out.append(_table(["method"] + cats + ["overall"], rows))
         out.append("")
+        if any(by[(m, temp, "all")].decode_speedup is not None for m in methods):
+            out.append(f"**Decode-phase speedup, {label}** (tokens/s after the first new token: prompt "
+                       "prefill and first token left out for every method)\n")
+            rows = []
+            for m in methods:
+                rows.append([m] + [_fmt(by[(m, temp, c)].decode_speedup, ".2f", "×") if (m, temp, c) in by
+                                   else "–" for c in cats + ["all"]])
+            out.append(_table(["method"] + cats + ["overall"], rows))
+            out.append("")
         out.append(f"**Per-method totals, {label}**\n")
         rows = []
         for m in methods:

@@ -4,6 +4,8 @@ Definitions (the names vLLM and the papers use; ALGORITHMS.md 0.3):
 * tokens/s            = generated tokens / wall seconds, summed over the prompts of a cell
 * speedup             = tokens/s of the method / tokens/s of plain verifier decoding, same category,
                         same temperature, same run (ratios, not absolute times, are what transfer)
+* decode speedup      = the same ratio over the time after the first new token (prompt prefill and
+                        first token excluded, for every method), i.e. the speed of the decoding phase
 * tokens per step     = generated tokens / verifier forward passes (bonus/correction token included)
 * mean accepted length = accepted draft tokens / verifier passes (bonus excluded)
 * acceptance rate     = accepted draft tokens / drafted tokens (per drafter and per position too)
@@ -35,6 +37,7 @@ class RunRecord:
     drafted_by_drafter: dict[str, int] = field(default_factory=dict)
     output_ids: list[int] = field(default_factory=list)
     drafter_failures: int = 0  # rounds in which a drafter raised and was dropped (should be 0)
+    first_token_seconds: float | None = None  # time to the first new token (prefill included)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,7 +63,9 @@ class CellSummary:
     acceptance_rate: float | None
     acceptance_per_position: list[float | None]
     acceptance_by_drafter: dict[str, float]
+    decode_tokens_per_second: float | None = None  # tokens after the first / time after the first
     speedup: float | None = None  # filled by `add_speedups`
+    decode_speedup: float | None = None
 
 
 def _add_lists(a: list[int], b: list[int]) -> list[int]:
@@ -76,6 +81,9 @@ def summarize_cell(records: list[RunRecord]) -> CellSummary:
     seconds = sum(r.seconds for r in records)
     rounds = sum(r.rounds for r in records)
     known = all(r.accepted is not None and r.drafted is not None for r in records)
+    timed = all(r.first_token_seconds is not None for r in records)
+    decode_seconds = sum(r.seconds - r.first_token_seconds for r in records) if timed else 0.0
+    decode_tokens = sum(max(r.generated - 1, 0) for r in records)
     accepted = sum(r.accepted for r in records) if known else None
     drafted = sum(r.drafted for r in records) if known else None
     acc_pos: list[int] = []
@@ -97,6 +105,7 @@ def summarize_cell(records: list[RunRecord]) -> CellSummary:
         generated=generated,
         seconds=seconds,
         tokens_per_second=generated / seconds if seconds > 0 else 0.0,
+        decode_tokens_per_second=decode_tokens / decode_seconds if decode_seconds > 0 else None,
         tokens_per_step=generated / rounds if rounds else 0.0,
         mean_accepted_length=(accepted / rounds) if (known and rounds) else None,
         acceptance_rate=(accepted / drafted) if (known and drafted) else None,
@@ -131,6 +140,11 @@ def add_speedups(cells: list[CellSummary], baseline: str = "plain") -> None:
     base = {
         (c.temperature, c.category): c.tokens_per_second for c in cells if c.method == baseline
     }
+    base_decode = {
+        (c.temperature, c.category): c.decode_tokens_per_second for c in cells if c.method == baseline
+    }
     for c in cells:
         b = base.get((c.temperature, c.category))
         c.speedup = (c.tokens_per_second / b) if b else None
+        bd = base_decode.get((c.temperature, c.category))
+        c.decode_speedup = (c.decode_tokens_per_second / bd) if (bd and c.decode_tokens_per_second) else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
-from specserve.engine import GenerationRequest, RuleParams, SpeculativeEngine
+from specserve.engine import GenerationRequest, GenerationStats, RuleParams, SpeculativeEngine
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.models.causal_lm import CausalLM, truncated_copy
 from specserve.models.drafters import LMDrafter, check_same_tokenizer
@@ -122,17 +122,25 @@ class Systems:
         common = dict(method=method.name, category=category, question_id=question_id,
                       temperature=temperature, prompt_tokens=len(prompt_ids))
         if method.system == "plain":
+            first = FirstToken()
             t0 = time.perf_counter()
-            tokens = self.verifier.plain_generate(prompt_ids, max_new_tokens, sampling, seed, self.stop_ids)
+            tokens = self.verifier.plain_generate(prompt_ids, max_new_tokens, sampling, seed, self.stop_ids,
+                                                  on_token=first.seen)
             seconds = time.perf_counter() - t0
             return RunRecord(**common, generated=len(tokens), seconds=seconds, rounds=len(tokens),
-                             drafted=0, accepted=0, output_ids=tokens)
+                             drafted=0, accepted=0, output_ids=tokens, first_token_seconds=first.since(t0))
         if method.system == "ours":
             engine = engine or self.engine_for(method)
             request = self.request_for(method, prompt_ids, max_new_tokens, temperature, seed)
             with _CountDrops() as drops:
+                first = FirstToken()
+                stats = GenerationStats()
+                tokens = []
                 t0 = time.perf_counter()
-                tokens, stats = engine.run(request)
+                for round_result in engine.generate(request, stats):
+                    if round_result.tokens:
+                        first.seen()
+                    tokens.extend(round_result.tokens)
                 seconds = time.perf_counter() - t0
             if drops.count:  # a failing drafter silently turns the method into plain decoding
                 log.warning("%s: a drafter failed in %d rounds (see warnings above)", method.name, drops.count)
@@ -145,6 +153,7 @@ class Systems:
                 drafted_by_drafter=dict(stats.drafted_by_drafter),
                 output_ids=list(tokens),
                 drafter_failures=drops.count,
+                first_token_seconds=first.since(t0),
             )
         if method.system == "peer":
             result = peer_generate(
@@ -162,8 +171,23 @@ class Systems:
                 accepted_per_position=c.accepted_per_position if c else [],
                 drafted_per_position=c.drafted_per_position if c else [],
                 output_ids=result.tokens,
+                first_token_seconds=result.first_token_seconds,
             )
         raise ValueError(f"unknown system {method.system!r}")
+
+
+class FirstToken:
+    """Remembers when the first new token appeared (the first call of `seen`)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def seen(self, *_args) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
+
+    def since(self, t0: float) -> float | None:
+        return None if self.at is None else self.at - t0
 
 
 class _CountDrops(logging.Handler):

@@ -80,6 +80,17 @@ def test_summary_arithmetic():
     assert cells[("plain", "all")].speedup == pytest.approx(1.0)
     assert cells[("ngram", "qa")].acceptance_per_position == [0.0, 0.0]
     assert cells[("ngram", "qa")].acceptance_rate == 0.0
+    assert qa.decode_speedup is None  # no first-token times recorded: no decode-phase figure
+
+
+def test_decode_phase_speedup_leaves_out_the_first_token():
+    plain = _rec("plain", "qa", 1, 11, 6.0, 11)
+    plain.first_token_seconds = 1.0  # 10 tokens in the 5 s after the first
+    chain = _rec("chain", "qa", 1, 11, 5.0, 4, 8, 7, (3,), (4,))
+    chain.first_token_seconds = 2.5  # e.g. a drafter's prefill: 10 tokens in 2.5 s
+    cells = {(c.method, c.category): c for c in summarize([plain, chain])}
+    assert cells[("chain", "qa")].speedup == pytest.approx((11 / 5.0) / (11 / 6.0))
+    assert cells[("chain", "qa")].decode_speedup == pytest.approx((10 / 2.5) / (10 / 5.0))
 
 
 def test_peer_counts_per_position():
@@ -154,6 +165,7 @@ def test_runner_greedy_lossless_and_counts_consistent(tiny_systems):
     for name, r in recs.items():
         assert r.output_ids == recs["plain"].output_ids, name
         assert r.generated == 12 and r.seconds > 0 and 1 <= r.rounds <= 12 and r.drafter_failures == 0
+        assert 0 < r.first_token_seconds < r.seconds, name  # the decode phase is timed for every system
         assert 0 <= r.accepted <= r.drafted
         if cat[name].system == "ours":  # each round commits its accepted drafts + one token
             assert r.generated == r.accepted + r.rounds
@@ -200,6 +212,7 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
         assert r.output_ids == plain[r.question_id], r.method  # fp32 greedy: lossless everywhere
     text = md.read_text()
     assert "Speedup over plain decoding, greedy" in text and "hf-assisted" in text
+    assert "Decode-phase speedup, greedy" in text
 
     quality = tmp_path / "quality.json"
     assert main(["quality", "--per-category", "1", "--categories", "math_reasoning", "--max-new-tokens", "6",

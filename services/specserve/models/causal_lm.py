@@ -111,9 +111,11 @@ class CausalLM:
         sampling: SamplingParams = SamplingParams(),
         seed: int | None = None,
         stop_ids: tuple[int, ...] | list[int] = (),
+        on_token=None,
     ) -> list[int]:
         """The plain decoding baseline: one token per forward, through the same process_logits.
-        Returns the new tokens (a stop token is included and ends generation)."""
+        Returns the new tokens (a stop token is included and ends generation). `on_token(token)`, when
+        given, is called as each token is drawn (e.g. to time the first one)."""
         session = self.new_session()
         session.sync(list(prompt_ids))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -122,6 +124,8 @@ class CausalLM:
         for _ in range(max_new_tokens):
             token = sample_token(process_logits(session.next_logits(), sampling), generator)
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in stops:
                 break
             session.append(token)
