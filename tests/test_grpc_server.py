@@ -223,6 +223,14 @@ def test_verifier_gone_is_unavailable_and_bugs_are_internal_without_trace():
             assert "secret" not in err.value.details and "Traceback" not in err.value.details
 
 
+def test_draft_length_zero_is_plain_decoding_through_the_same_server(client):
+    speculative = client.generate(PROMPT, max_new_tokens=20, rule="greedy")
+    plain = client.generate(PROMPT, max_new_tokens=20, rule="greedy", draft_length=0)
+    assert list(plain.token_ids) == list(speculative.token_ids) == expected_continuation(PROMPT_IDS, 20)
+    assert plain.stats.drafted == 0 and plain.stats.rounds == 20  # one verifier step per token
+    assert speculative.stats.drafted > 0
+
+
 def test_a_failing_drafter_changes_speed_not_output():
     class Broken(FakeDrafter):
         async def draft(self, call):

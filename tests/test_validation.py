@@ -33,6 +33,7 @@ def test_a_full_good_request_passes():
     [
         ("rule_params.tas_alpha", lambda r: setattr(r.rule_params, "tas_alpha", float("inf"))),
         ("draft_length", lambda r: setattr(r, "draft_length", 7)),
+        ("draft_length", lambda r: setattr(r, "draft_length", -1)),
         ("draft_length", lambda r: (setattr(r, "draft_length", 2), r.tree.branching.extend([1, 1, 1]))),
         ("tree.branching", lambda r: r.tree.branching.extend([1] * 7)),
         ("tree.branching", lambda r: r.tree.branching.extend([4, 5])),  # 4 + 20 > 20 nodes

@@ -111,9 +111,10 @@ def validate_request(req: gen_pb.GenerateRequest, model: ModelInfo, limits: Requ
             raise InvalidRequest(f"drafters[{i}]", f"drafter {name!r} listed twice")
         seen.add(name)
 
-    if req.HasField("draft_length") and not (1 <= req.draft_length <= limits.max_draft_length):
+    # 0 = no drafting: plain decoding through the same server (a baseline, or speculation off)
+    if req.HasField("draft_length") and not (0 <= req.draft_length <= limits.max_draft_length):
         raise InvalidRequest(
-            "draft_length", f"must be in [1, {limits.max_draft_length}], got {req.draft_length}"
+            "draft_length", f"must be in [0, {limits.max_draft_length}], got {req.draft_length}"
         )
     _validate_tree(req, rule, limits)
 
