@@ -27,6 +27,7 @@ from specserve.engine.types import GenerationStats
         (["generate", "hi", "--drafter", "early-exit:x"], "--drafter"),
         (["generate", "hi", "--drafter", "early-exit:0"], "--drafter"),
         (["generate", "hi", "--drafter", "ngram:/no/such/corpus.txt"], "--drafter"),
+        (["generate", "hi", "--decision-model", "/no/such/model.pt"], "--decision-model"),
         (["generate", "hi", "--cascade-k", "4,2;a"], "--cascade-k"),
         (["generate", "hi", "--dtype", "int3"], "--dtype"),
         (["generate", "hi", "--cascade", "--lenience", "0.5"], "--lenience"),
@@ -100,3 +101,19 @@ def test_generate_on_the_embedded_default_streams_and_summarises():
         r"tok/s; [\d.]+ tokens per verifier step; mean accepted length [\d.]+; acceptance per drafter: .*ngram",
         summary[0],
     ), summary[0]
+
+
+@pytest.mark.slow
+def test_decision_model_is_attached_to_lm_drafters_and_checked(tmp_path, capsys):
+    from specserve.sampling.mcsd import DecisionModel
+
+    wrong = tmp_path / "wrong.pt"
+    DecisionModel(hidden_size=7).save(wrong)
+    argv = ["generate", "hi", "--max-new-tokens", "4", "--drafter", "early-exit:4", "--decision-model", str(wrong)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "--decision-model: trained on hidden size 7" in capsys.readouterr().err
+    right = tmp_path / "right.pt"
+    DecisionModel(hidden_size=576).save(right)  # SmolLM2-135M's hidden size
+    assert main([*argv[:-1], str(right)]) == 0

@@ -162,3 +162,38 @@ def test_drafted_tokens_follow_the_processed_law_chi_square(lm):
     assert result.pvalue > 1e-3, result
     # and the cache made the repeated drafts cheap: the context was prefilled once
     assert drafter.sessions.get("").forwards == 1
+
+
+# ---- MCSD early-stop decision model in LM drafters ------------------------------------------
+def _constant_decision_model(hidden_size: int, keep_probability: float):
+    from specserve.sampling.mcsd import DecisionModel
+
+    model = DecisionModel(hidden_size, width=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.net[2].bias.fill_(float(torch.logit(torch.tensor(keep_probability))))
+    return model.eval()
+
+
+@pytest.mark.parametrize("keep, expected_len", [(0.9, 5), (0.1, 1)])
+def test_decision_model_stops_chains_early(keep, expected_len):
+    from specserve.models.drafters import LMDrafter
+    from specserve.sampling.params import SamplingParams
+
+    lm = _tiny_decision_lm()
+    drafter = LMDrafter(lm, name="d", decision_model=_constant_decision_model(lm.model.config.hidden_size, keep))
+    proposal = drafter.propose([5, 6, 7, 8], 5, SamplingParams())
+    assert len(proposal.tokens) == expected_len == proposal.probs.shape[0]
+    assert drafter.early_stops == (1 if expected_len < 5 else 0)
+
+
+def _tiny_decision_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specserve.models.causal_lm import CausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return CausalLM(LlamaForCausalLM(config).eval().float(), tokenizer=None, name="tiny")

@@ -82,6 +82,12 @@ def k_matrix(text: str) -> list[list[int]]:
         raise argparse.ArgumentTypeError(f"must look like '4,2;0,6', got {text!r}") from None
 
 
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return text
+
+
 def drafter_spec(text: str) -> str:
     if text.startswith("early-exit:"):
         from .engine.factory import parse_early_exit
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their own device; on a shared CPU they compete for the cores)")
     g.add_argument("--tree", type=tree_config, default=None, metavar="K1,K2,...", help="MCSD k-config tree from each LM drafter, e.g. 4,2,2 (lossless with sps/rrs/rrs-wor/spechub); "
                    "with --rule mcsd-ti (LOSSY) one number: the root width W (default 2)")
+    g.add_argument("--decision-model", type=existing_file, default=None, metavar="FILE",
+                   help="MCSD early-stop MLP (from train-decision-model): LM drafters stop a chain when it "
+                        "predicts the next token would be rejected (changes draft lengths only)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto = bf16 where the CPU/GPU runs it natively, else fp32")
     g.add_argument("--plain", action="store_true", help="plain decoding (one verifier forward per token): the baseline")
@@ -286,6 +295,8 @@ def run_generate(args: argparse.Namespace) -> int:
         drafters = [LocalDrafter(cascade)]
     else:
         drafters = make_local_drafters(specs, lm)
+    if args.decision_model:
+        attach_decision_model(args.decision_model, [d.drafter for d in drafters])
     engine = SpeculativeEngine(LocalVerifier(lm), drafters, dynamic_length=not args.fixed_length,
                                overlap_drafting=args.overlap)
     request = GenerationRequest(
@@ -307,6 +318,24 @@ def run_generate(args: argparse.Namespace) -> int:
     stream.close()
     print(summary_line(stats, seconds, rule), file=sys.stderr)
     return 0
+
+
+def attach_decision_model(path: str, drafters) -> None:
+    """Give every LM drafter the MCSD early-stop model at `path` (its hidden size must match)."""
+    from .models.drafters import LMDrafter
+    from .sampling.mcsd import DecisionModel
+
+    model = DecisionModel.load(path)
+    lm_drafters = [d for d in drafters if isinstance(d, LMDrafter)]
+    problem = "" if lm_drafters else "no LM drafter to attach it to"
+    for drafter in lm_drafters:
+        hidden = drafter.lm.model.config.hidden_size
+        if hidden != model.hidden_size:
+            problem = f"trained on hidden size {model.hidden_size}, drafter {drafter.name} has {hidden}"
+        drafter.decision_model = model
+    if problem:  # the same exit status and form as argparse's own errors
+        print(f"specserve generate: error: argument --decision-model: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ---- train-decision-model ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling.mcsd import DECISION_THRESHOLD, should_stop
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .base import DraftProposal
@@ -61,12 +62,20 @@ class LMDrafter:
         max_sessions: int = 64,
         target_vocab_size: int | None = None,
         with_hidden: bool = False,
+        decision_model=None,
+        decision_threshold: float = DECISION_THRESHOLD,
     ) -> None:
         self.lm = lm
         self.name = name or f"lm:{lm.name}"
         self.sessions = SessionCache(lm, max_sessions)
         self.target_vocab_size = target_vocab_size  # rows are fitted to the verifier's V
         self.with_hidden = with_hidden  # return hidden states (MCSD decision model input)
+        # MCSD early stop: an MLP on the hidden state that produces the next token's law predicts
+        # whether that token would be accepted; a chain stops when the score is <= the threshold.
+        # Only the draft length changes, so any rule stays exactly as lossless as it was.
+        self.decision_model = decision_model
+        self.decision_threshold = decision_threshold
+        self.early_stops = 0  # chains cut short by the decision model (for stats and tests)
 
     def propose(
         self,
@@ -83,8 +92,15 @@ class LMDrafter:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
-        for _ in range(num_tokens):
-            probs = _fit_vocab(process_logits(session.next_logits(), params), self.target_vocab_size)
+        for i in range(num_tokens):
+            logits = session.next_logits()
+            if self.decision_model is not None and i > 0:  # the first token is always drafted
+                with torch.inference_mode():
+                    score = self.decision_model(session.next_hidden()[None])
+                if should_stop(score, self.decision_threshold):
+                    self.early_stops += 1
+                    break
+            probs = _fit_vocab(process_logits(logits, params), self.target_vocab_size)
             if self.with_hidden:
                 hidden.append(session.next_hidden())
             token = sample_token(probs, generator)
