@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--repeats", type=int, default=2)
     _common(op)
 
+    cp = sub.add_parser("rows", help="cost of a verification pass over 1 + k rows vs one plain step")
+    cp.add_argument("--model", default="smollm2-135m")
+    cp.add_argument("--context", type=int, default=300)
+    cp.add_argument("--repeats", type=int, default=5)
+    cp.add_argument("--threads", type=int, default=None)
+    cp.add_argument("--out", default=None)
+    cp.add_argument("--into", default=None)
+    cp.add_argument("--block", default=None)
+    cp.add_argument("--plots", default=None)
+
     rp = sub.add_parser("report", help="Markdown tables from a result JSON")
     rp.add_argument("result")
     rp.add_argument("--into", default=None)
@@ -134,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     from .systems import set_threads
 
     set_threads(args.threads)
+    if args.command == "rows":
+        from .row_cost import run_row_cost
+
+        result = run_row_cost(args.model, args.context, repeats=args.repeats, progress=lambda m: print(m, file=sys.stderr))
+        _finish(args, result, f"rows_{args.model.replace('/', '_')}")
+        return 0
     prompts = load_prompts(args.prompts, args.per_category, args.categories)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 

@@ -230,3 +230,16 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
             assert all(abs(k) < 1e-9 for k in r["step_kl"])
     for s in summarize_quality(q):  # engine's measured acceptance vs closed form on the same rows
         assert s["acceptance_z"] is None or abs(s["acceptance_z"]) < 5, s
+
+
+def test_row_cost_measures_dense_and_packed_layouts(tmp_path):
+    from bench.row_cost import row_cost_report, run_row_cost
+    from test_ray_app import save_tiny_model
+
+    result = run_row_cost(save_tiny_model(str(tmp_path / "tiny")), context=16, nodes=(1, 4), repeats=2,
+                          progress=lambda m: None)
+    assert set(result["rows"]) == {"dense F.linear", "oneDNN packed"}
+    for row in result["rows"].values():
+        assert row["step_ms"] > 0 and set(row["tree_ms"]) == {1, 4} and all(v > 0 for v in row["tree_ms"].values())
+    report = row_cost_report(json.loads(json.dumps(result)))  # as read back from a result file
+    assert "| oneDNN packed |" in report and "1 + 4 rows" in report

@@ -55,8 +55,8 @@ def test_speculation_turns_off_when_it_does_not_pay_and_probes_again():
         k = policy.next_length()
         lengths.append(k)
         policy.record(k, 0)  # probes fail too
-    # off, probing at full depth after 5 rounds, then 10 (a failed probe doubles the interval)
-    assert lengths == [0, 0, 0, 0, 4] + [0] * 9 + [4, 0]
+    # off, probing one position deep after 5 rounds, then 10 (a failed probe doubles the interval)
+    assert lengths == [0, 0, 0, 0, 1] + [0] * 9 + [1, 0]
     feed_iid(policy, 1.0, 60, 4)  # the text became predictable (e.g. copying the prompt)
     assert policy.next_length() == 4
 

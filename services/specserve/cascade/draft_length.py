@@ -25,7 +25,7 @@ The drafting cost per position is the median of the same recent window of rounds
 the first drafting round (an LM drafter prefills the prompt there).
 
 k = 0 is plain decoding (T = 1): speculation is switched off when no k > 0 beats it, and
-probed again every `probe_every` rounds so it can switch back on when the text changes
+probed again (one position deep) every `probe_every` rounds so it can switch back on when the text changes
 (e.g. the model starts copying from the prompt). Rates are Beta-smoothed, exponentially
 forgetting counts, so the policy follows the text as it goes.
 Pure arithmetic, no I/O: the loop feeds it what each round measured.
@@ -48,6 +48,7 @@ class DraftLengthPolicy:
     forget: float = 0.95  # per-round decay of old counts
     probe_every: int = 8  # rounds between probes while speculation is off (first interval)
     max_probe_every: int = 64  # a probe that did not pay doubles the interval, up to this
+    probe_length: int = 1  # a probe drafts this deep: it re-measures position 1 at the least cost
     measure_step_rounds: int = 2  # verifier-only rounds wanted for timing (forced if missing)
     draft_cost_prior: float = 0.0  # drafting time per position / verifier step, until measured
     reached: list[float] = field(default_factory=list)  # rounds whose draft reached position d
@@ -139,7 +140,9 @@ class DraftLengthPolicy:
             # re-measure: the text may have become predictable (e.g. the model starts copying)
             self.rounds_off = 0
             self.probing = True
-            return self.max_length
+            # shallow: a full-depth probe of a bad drafter costs ~1 + jump + max * c steps for ~1
+            # token; if position 1 turns out good the model itself deepens the next drafts
+            return min(self.probe_length, self.max_length)
         return 0
 
     def record(
