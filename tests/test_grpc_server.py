@@ -113,7 +113,7 @@ BAD_REQUESTS = [
     ("max_new_tokens", lambda r: setattr(r, "max_new_tokens", 500)),  # fits the limit, not the context
     ("drafters[0]", lambda r: r.drafters.append("gpt-17")),
     ("drafters[1]", lambda r: r.drafters.extend(["fake", "fake"])),
-    ("draft_length", lambda r: setattr(r, "draft_length", 0)),
+    ("draft_length", lambda r: setattr(r, "draft_length", -1)),
     ("tree.branching[1]", lambda r: r.tree.branching.extend([2, 0])),
     ("tree.branching", lambda r: r.tree.branching.extend([8, 8, 8])),
     ("tree.branching[0]", lambda r: (setattr(r, "rule", "spechub"), r.tree.branching.extend([3]))),
