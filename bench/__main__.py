@@ -51,6 +51,7 @@ def _models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=None, help="small LM sharing the tokenizer (default: early exit)")
     p.add_argument("--early-exit", type=int, default=8, help="layers of the early-exit drafter")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help='"cuda" on a GPU machine (default cpu)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = ModelSetup(
         verifier_spec=args.verifier, drafter_spec=args.drafter, early_exit_layers=args.early_exit,
-        dtype=args.dtype, cascade_lenience=getattr(args, "cascade_lenience", 2.0),
+        dtype=args.dtype, device=args.device, cascade_lenience=getattr(args, "cascade_lenience", 2.0),
         dynamic_length=not getattr(args, "fixed_length", False),
         bigram_texts=[p.text for p in load_prompts(args.prompts)],  # Max-Gram's bigram fallback corpus
     )

@@ -133,7 +133,7 @@ def peer_generate(
     first = _FirstTokenStreamer()
     kwargs["streamer"] = first
     undo = _instrument(model, counts) if counts is not None else None
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     try:
         torch.manual_seed(seed)
         t0 = time.perf_counter()

@@ -53,9 +53,9 @@ def final_number(text: str) -> str | None:
 @torch.inference_mode()
 def teacher_forced_rows(lm, ids: list[int], num_new: int, vocab: int, params: SamplingParams) -> torch.Tensor:
     """Processed laws [num_new, vocab] for the last num_new tokens of `ids` (law before each)."""
-    x = torch.tensor([ids[:-1]], dtype=torch.long)
+    x = torch.tensor([ids[:-1]], dtype=torch.long, device=lm.device)
     out = lm.model(input_ids=x, logits_to_keep=num_new)
-    logits = out.logits[0, -num_new:].float()
+    logits = out.logits[0, -num_new:].float().cpu()
     if logits.shape[-1] < vocab:  # drafter embedding may be smaller: those tokens get no mass
         logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
     return process_logits(logits[:, :vocab], params)

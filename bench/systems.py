@@ -36,6 +36,7 @@ class ModelSetup:
     drafter_spec: str | None = None  # None: early-exit copy of the verifier
     early_exit_layers: int = 8
     dtype: str = "auto"
+    device: str = "cpu"  # "cuda" on a GPU machine (acceptance math stays on the CPU)
     cascade_lenience: float = 2.0
     dynamic_length: bool = True
     bigram_texts: list[str] = field(default_factory=list)  # Max-Gram's bigram fallback corpus
@@ -49,12 +50,12 @@ class Systems:
     ) -> None:
         """`verifier` / `drafter`: already loaded models (tests); otherwise loaded from the setup."""
         self.setup = setup
-        self.verifier = verifier or CausalLM.load(setup.verifier_spec, dtype=setup.dtype)
+        self.verifier = verifier or CausalLM.load(setup.verifier_spec, dtype=setup.dtype, device=setup.device)
         if drafter is not None:
             self.drafter = drafter
             self.drafter_label = setup.drafter_spec or drafter.name
         elif setup.drafter_spec:
-            self.drafter = CausalLM.load(setup.drafter_spec, dtype=setup.dtype)
+            self.drafter = CausalLM.load(setup.drafter_spec, dtype=setup.dtype, device=setup.device)
             check_same_tokenizer(self.drafter, self.verifier)
             self.drafter_label = setup.drafter_spec
         else:

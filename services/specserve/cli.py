@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "predicts the next token would be rejected (changes draft lengths only)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto = bf16 where the CPU/GPU runs it natively, else fp32")
+    g.add_argument("--device", default="cpu", help='torch device of the models, e.g. "cuda" (acceptance math stays on the CPU)')
     g.add_argument("--plain", action="store_true", help="plain decoding (one verifier forward per token): the baseline")
     g.add_argument("--no-chat", action="store_true", help="tokenize the prompt as is (no chat template)")
     g.set_defaults(func=run_generate)
@@ -270,7 +271,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for field, value in (("delta", args.delta), ("tas_epsilon", args.tas_epsilon), ("tas_alpha", args.tas_alpha)):
         if value is not None:
             setattr(rule_params, field, value)
-    lm = CausalLM.load(args.verifier, dtype=args.dtype)
+    lm = CausalLM.load(args.verifier, dtype=args.dtype, device=args.device)
     prompt_ids = encode_prompt(lm.tokenizer, args.prompt, chat=not args.no_chat)
     warm_up(lm, prompt_ids)
     stream = TextStream(lm.tokenizer, sys.stdout)

@@ -54,7 +54,7 @@ def load_drafter_lm(spec: str, verifier: CausalLM) -> CausalLM:
     """The LM behind a neural drafter spec (early-exit shares the verifier's weights)."""
     if spec.startswith("early-exit:"):
         return truncated_copy(verifier, parse_early_exit(spec), name=spec)
-    lm = CausalLM.load(spec, dtype=verifier.dtype)
+    lm = CausalLM.load(spec, dtype=verifier.dtype, device=str(verifier.device))
     check_same_tokenizer(lm, verifier)
     return lm
 

@@ -298,8 +298,10 @@ class LMSession:
                 output_hidden_states=not all_logits,
             )
         self.forwards += 1
-        hidden = out.hidden_states[-1][0, -1].float() if out.hidden_states is not None else None
-        return out.logits[0].float(), hidden
+        # acceptance runs on the CPU next to the CPU generators (a few rows of logits per pass);
+        # on a CPU model .cpu() is a no-op
+        hidden = out.hidden_states[-1][0, -1].float().cpu() if out.hidden_states is not None else None
+        return out.logits[0].float().cpu(), hidden
 
 
 class SessionCache:
