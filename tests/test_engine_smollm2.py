@@ -27,8 +27,8 @@ NEW_TOKENS = 20
 
 
 def spec_bench_prompts(categories: tuple[str, ...]) -> list[str]:
-    if not SPEC_BENCH.exists():
-        pytest.skip(f"Spec-Bench prompts not found at {SPEC_BENCH}")
+    if not SPEC_BENCH.exists():  # fail, not skip: a silent skip would pass CI without the exactness check
+        raise FileNotFoundError(f"Spec-Bench prompts not found at {SPEC_BENCH} (the shared data folder)")
     rows = [json.loads(line) for line in SPEC_BENCH.read_text().splitlines() if line.strip()]
     out = []
     for category in categories:
