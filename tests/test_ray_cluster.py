@@ -53,7 +53,7 @@ def free_port(start: int) -> int:
     raise RuntimeError("no free port")
 
 
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25, describe=None):
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -61,7 +61,8 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25):
         if last:
             return last
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+    state = describe() if describe else repr(last)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (state: {state})")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,9 @@ def test_verifier_killed_is_retried_or_unavailable(app, plain_greedy):
 
 
 def test_drafters_autoscale_independently_of_the_verifier(cluster):
-    serve.delete(APP)  # a clean cluster: no replicas from the fault tests competing for the 2 cores
+    # a clean cluster: no replicas from the fault tests competing for the 2 cores
+    if serve.context._get_global_client(raise_if_no_controller_running=False) is not None:
+        serve.delete(APP)
     fast = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
             "look_back_period_s": 1.0}
     settings = tiny_settings(
@@ -215,30 +218,44 @@ def test_drafters_autoscale_independently_of_the_verifier(cluster):
         from specserve.sampling.params import SamplingParams
         from specserve.serve import convert
 
+        def drafter_replicas_if(wanted):
+            counts = running_replicas("autoscale")
+            return counts if wanted(counts.get("NgramDrafter", 0)) else None
+
+        def drafter_status():  # what Serve says, for the failure message
+            status = serve.status().applications["autoscale"].deployments["NgramDrafter"]
+            return (f"{status.status}, {status.replica_states}, {status.message!r}; "
+                    f"{calls['done']} calls done, errors: {calls['errors'][-3:]}")
+
         drafter = serve.get_deployment_handle("NgramDrafter", app_name="autoscale")
         payload = convert.draft_call_to_proto(
             DraftCall("load", PROMPT * 20, 4, SamplingParams(), seed=1)).SerializeToString()
         stop = threading.Event()
+        calls = {"done": 0, "errors": []}
 
         def load():  # keep ~8 drafter calls in flight (queued at the handle) until told to stop
             while not stop.is_set():
                 responses = [drafter.draft.remote(payload) for _ in range(8)]
                 for r in responses:
-                    r.result(timeout_s=30)
+                    try:  # a failed call must not end the load (the thread would die silently)
+                        r.result(timeout_s=30)
+                        calls["done"] += 1
+                    except Exception as err:  # noqa: BLE001 - recorded for the failure message
+                        calls["errors"].append(repr(err)[:200])
 
         threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
         try:
-            counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) >= 2 else None)(
-                running_replicas("autoscale")), 120, "NgramDrafter to scale up")
+            counts = wait_for(lambda: drafter_replicas_if(lambda n: n >= 2), 120,
+                              "NgramDrafter to scale up", describe=drafter_status)
             assert counts["Verifier"] == 1
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=30)
-        counts = wait_for(lambda: (lambda c: c if c.get("NgramDrafter", 0) == 1 else None)(
-            running_replicas("autoscale")), 120, "NgramDrafter to scale back down")
+        counts = wait_for(lambda: drafter_replicas_if(lambda n: n == 1), 120,
+                          "NgramDrafter to scale back down", describe=drafter_status)
         assert counts["Verifier"] == 1
     finally:
         serve.delete("autoscale")
