@@ -109,6 +109,20 @@ def test_local_app_greedy_equals_plain_greedy(local_router, plain_greedy):
     assert stats.drafted > 0
 
 
+def test_local_app_concurrent_requests_each_equal_their_plain_greedy(local_router, tiny_model_dir):
+    # concurrent requests share the Verifier replica's passes (cross-request batching)
+    lm = CausalLM.load(tiny_model_dir, dtype="float32")
+    prompts = [PROMPT[: 4 + 3 * i] for i in range(4)]
+    requests = [token_request(16) for _ in prompts]
+    for request, prompt in zip(requests, prompts):
+        request.token_ids.ids[:] = prompt
+    responses = [local_router.Generate.remote(r) for r in requests]  # all in flight at once
+    for prompt, response in zip(prompts, responses):
+        tokens = list(response.result().token_ids)
+        assert tokens == lm.plain_generate(prompt, 16, stop_ids=())[: len(tokens)]
+        assert len(tokens) == 16 or tokens[-1] == 2
+
+
 def test_local_app_stream_matches_unary(local_router):
     unary = local_router.Generate.remote(token_request()).result()
     chunks = list(local_router.options(stream=True).GenerateStream.remote(token_request()))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..models.base import Drafter
+from ..models.batched import score_trees
 from ..models.causal_lm import CausalLM, SessionCache
 from ..sampling import ti_roots_lossy, verify_tree
 from ..sampling.params import process_logits
@@ -80,16 +81,26 @@ class LocalDrafter:
 
 
 class LocalVerifier:
-    """A CausalLM as a VerifierBackend, with a bounded LRU of per-session KV caches."""
+    """A CausalLM as a VerifierBackend, with a bounded LRU of per-session KV caches.
+
+    Concurrent calls are batched (max_batch_size > 1): calls that arrive while a pass runs form
+    the next pass, and `verify_batch_sync` scores all their trees in one forward
+    (models/batched.py). Ray's Verifier deployment batches with `serve.batch` instead and calls
+    `verify_batch_sync` directly."""
 
     name = "verifier"
 
-    def __init__(self, lm: CausalLM, max_sessions: int = 64, on_verified=None) -> None:
+    def __init__(self, lm: CausalLM, max_sessions: int = 64, on_verified=None, max_batch_size: int = 1) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
         self.lm = lm
-        self.sessions = SessionCache(lm, max_sessions=max_sessions)
+        self.sessions = SessionCache(lm, max_sessions=max(max_sessions, max_batch_size))
         self._lock = threading.Lock()
         # optional observer (call, target_probs, verdict): e.g. collecting decision-model data
         self.on_verified = on_verified
+        self.max_batch_size = max_batch_size
+        self._batcher = ContinuousBatcher(self.verify_batch_sync, max_batch_size) if max_batch_size > 1 else None
+        self.batch_sizes: list[int] = []  # size of every batched pass (for tests and benchmarks)
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:
         started = time.perf_counter()
@@ -100,22 +111,68 @@ class LocalVerifier:
             # a verifier-only round is exactly a plain decoding step (one forward, no tree
             # mask, the pending token folded into any prefill), so it never costs more
             logits = session.next_logits()[None] if plain_step else session.score_tree(call.tree)
-            target_probs = process_logits(logits, call.sampling)
             if call.rule == "mcsd-ti":
-                return self._verify_ti(session, call, logits, target_probs, started)
-            verdict = verify_tree(
-                call.tree,
-                target_probs,
-                call.rule,
-                call.rule_params,
-                generator_for(call.seed, "verifier"),
-            )
-            if plain_step:
-                session.append(verdict.tokens[-1])
+                return self._verify_ti(session, call, logits, process_logits(logits, call.sampling), started)
+            return self._accept(session, call, logits, started, plain_step=plain_step)
+
+    def verify_batch_sync(self, calls: list[VerifyCall]) -> list[VerifyReply | Exception]:
+        """Verify several calls with ONE forward over all their trees. Returns a reply or the
+        exception per call: a bad call fails alone, the others are still answered. mcsd-ti calls
+        and repeats of a session already in the batch are verified one by one after it."""
+        results: list[VerifyReply | Exception | None] = [None] * len(calls)
+        batched: list[int] = []
+        alone: list[int] = []
+        seen: set[str] = set()
+        for i, call in enumerate(calls):
+            if call.rule == "mcsd-ti" or call.session_id in seen:
+                alone.append(i)
             else:
-                session.commit(verdict.path, call.tree, verdict.tokens[-1])
-            if self.on_verified is not None:
-                self.on_verified(call, target_probs, verdict)
+                seen.add(call.session_id)
+                batched.append(i)
+        if len(batched) == 1:
+            alone, batched = sorted(alone + batched), []
+        if batched:
+            started = time.perf_counter()
+            try:
+                with self._lock:
+                    sessions = []
+                    for i in batched:
+                        session = self.sessions.get(calls[i].session_id)
+                        session.sync(calls[i].committed)
+                        sessions.append(session)
+                    all_logits = score_trees(sessions, [calls[i].tree for i in batched])
+                    self.batch_sizes.append(len(batched))
+                    for i, session, logits in zip(batched, sessions, all_logits):
+                        try:
+                            results[i] = self._accept(session, calls[i], logits, started, plain_step=False)
+                        except Exception as exc:  # noqa: BLE001 - this call's error, returned to it
+                            session.sync(calls[i].committed)  # nothing of this round is kept
+                            results[i] = exc
+            except Exception:  # noqa: BLE001 - the pass itself failed: isolate the culprit
+                alone = sorted(alone + [i for i in batched if results[i] is None])
+        for i in alone:
+            try:
+                results[i] = self.verify_sync(calls[i])
+            except Exception as exc:  # noqa: BLE001 - this call's error, returned to it
+                results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:
+        """Acceptance next to the logits, then keep the accepted path in the session's cache."""
+        target_probs = process_logits(logits, call.sampling)
+        verdict = verify_tree(
+            call.tree,
+            target_probs,
+            call.rule,
+            call.rule_params,
+            generator_for(call.seed, "verifier"),
+        )
+        if plain_step:
+            session.append(verdict.tokens[-1])
+        else:
+            session.commit(verdict.path, call.tree, verdict.tokens[-1])
+        if self.on_verified is not None:
+            self.on_verified(call, target_probs, verdict)
         return VerifyReply(
             tokens=list(verdict.tokens),
             path=list(verdict.path),
@@ -157,7 +214,53 @@ class LocalVerifier:
         )
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
-        return await asyncio.to_thread(self.verify_sync, call)
+        if self._batcher is None:
+            return await asyncio.to_thread(self.verify_sync, call)
+        return await self._batcher.submit(call)
 
     def end_session(self, session_id: str) -> None:
         self.sessions.drop(session_id)
+
+
+class ContinuousBatcher:
+    """Collects concurrent async calls for a synchronous batch function: the first call runs at
+    once; calls that arrive while a batch runs (in a worker thread) form the next batch, up to
+    `max_batch_size`. No timer: a lone request never waits for company.
+
+    `run_batch(items) -> results` returns one result per item, an Exception for a failed item."""
+
+    def __init__(self, run_batch, max_batch_size: int) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self._queue: list[tuple[object, asyncio.Future]] = []
+        self._draining = False
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch_size]
+                del self._queue[: self.max_batch_size]
+                batch = [(item, future) for item, future in batch if not future.done()]  # skip cancelled
+                if not batch:
+                    continue
+                try:
+                    results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._draining = False

@@ -201,18 +201,32 @@ class LMSession:
     def score_tree(self, tree: TokenTree) -> torch.Tensor:
         """ONE forward over [pending] + tree.tokens on top of the cache; fp32 logits [n + 1, V].
         Does not commit anything: the tree rows stay in the cache only until the next call."""
+        feed, positions, visible = self.tree_inputs(tree)
+        positions_t = torch.tensor([positions], device=self.lm.device)
+        logits, _ = self._forward(feed, positions_t, self._additive_mask(visible), all_logits=True)
+        self.mark_scored(tree)
+        return logits
+
+    def tree_inputs(self, tree: TokenTree) -> tuple[list[int], list[int], torch.Tensor]:
+        """Bring the cache to `committed[:-1]`, then what a verification pass feeds on top of it:
+        token ids [pending] + tree.tokens, their position ids, and bool visibility [n + 1, prefix
+        + n + 1] over (cached rows, fed rows). models/batched.py stacks these across sessions."""
         self._forward_to(len(self.committed) - 1)
         prefix = len(self._cached)
         feed = [self.committed[-1], *tree.tokens]
         n = len(tree)
         # positions: the pending token sits at `prefix`, a node at prefix + its depth
-        positions = torch.tensor([[prefix] + [prefix + d for d in tree.depths]], device=self.lm.device)
+        positions = [prefix] + [prefix + d for d in tree.depths]
         visible = torch.zeros(n + 1, prefix + n + 1, dtype=torch.bool)
         visible[:, : prefix + 1] = True  # cached prefix + pending token: seen by every row
-        visible[1:, prefix + 1 :] = tree.ancestor_mask()  # ancestors + self
-        logits, _ = self._forward(feed, positions, self._additive_mask(visible), all_logits=True)
-        self._scored = _Scored(tree, prefix, tuple(tree.tokens))
-        return logits
+        if n:
+            visible[1:, prefix + 1 :] = tree.ancestor_mask()  # ancestors + self
+        return feed, positions, visible
+
+    def mark_scored(self, tree: TokenTree) -> None:
+        """Record that the cache now holds `committed[:-1]` + the rows of [pending] + tree.tokens
+        (so `commit` keeps the accepted path's rows instead of recomputing them)."""
+        self._scored = _Scored(tree, len(self._cached), tuple(tree.tokens))
 
     def commit(self, path: list[int], tree: TokenTree, next_token: int) -> None:
         """Accept `path` (node ids, root to leaf) of `tree`; `next_token` becomes pending."""

@@ -104,7 +104,11 @@ class Verifier:
 
         self.settings = AppSettings.model_validate(settings)
         models = self.settings.models
-        self.worker = LocalVerifier(_load_lm(models.verifier, models), max_sessions=models.session_cache_size)
+        # concurrent verify calls on this replica share one forward pass (engine/local.py:
+        # continuous batching; Serve's @serve.batch needs a replica context, which local testing
+        # mode and the standalone server lack, and it would add a wait timer we do not need)
+        self.worker = LocalVerifier(_load_lm(models.verifier, models), max_sessions=models.session_cache_size,
+                                    max_batch_size=self.settings.verify_batch_size)
 
     async def verify(self, payload: bytes) -> bytes:
         reply = await self.worker.verify(convert.verify_call_from_proto(int_pb.VerifyCall.FromString(payload)))

@@ -40,6 +40,8 @@ class ModelsConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_sessions: int = Field(64, ge=1)
     draft_timeout_s: float | None = Field(None, gt=0)
+    # concurrent requests' verification passes merged into one forward (1 = never batch)
+    max_verify_batch: int = Field(8, ge=1)
 
 
 class ServerConfig(BaseModel):
@@ -164,7 +166,8 @@ def build_local_service(config: ServerConfig, metrics: ServeMetrics | None = Non
     m = config.models
     lm = CausalLM.load(m.verifier, dtype=m.dtype)
     drafters = make_local_drafters(m.drafters, lm)  # the same drafter specs as `specserve generate`
-    loop = DecodeLoop(LocalVerifier(lm, max_sessions=m.max_sessions), drafters, draft_timeout_s=m.draft_timeout_s)
+    verifier = LocalVerifier(lm, max_sessions=m.max_sessions, max_batch_size=m.max_verify_batch)
+    loop = DecodeLoop(verifier, drafters, draft_timeout_s=m.draft_timeout_s)
     return GenerationService(
         loop,
         lm.tokenizer,

@@ -143,6 +143,10 @@ class AppSettings(_Strict):
     session_affinity: bool = True  # consistent-hash the session id onto worker replicas
     grpc_transport: bool = True  # Serve's interdeployment gRPC instead of Ray object refs
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024)
+    # cross-request batching on each Verifier replica: up to this many concurrent verify calls
+    # share one forward pass (1 = never batch). Calls that arrive while a pass runs form the next
+    # one, so a lone request never waits. More than the verifier's max_ongoing_requests never fills.
+    verify_batch_size: int = Field(8, ge=1)
     # draft the next round while the verifier checks this one (engine/loop.py); None = on for
     # the gpu profile (drafters on their own nodes), off for cpu (they would share the cores)
     overlap_drafting: bool | None = None
