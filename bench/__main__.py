@@ -1,4 +1,4 @@
-"""`python -m bench {speed,quality,overhead,report,plots}` (see BENCHMARKS.md for the exact runs)."""
+"""`python -m bench {speed,quality,overhead,rows,batch,report,plots}` (see BENCHMARKS.md for the exact runs)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--block", default=None)
     cp.add_argument("--plots", default=None)
 
+    bp = sub.add_parser("batch", help="concurrent streams: verification batching off vs on")
+    bp.add_argument("--model", default="smollm2-135m")
+    bp.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    bp.add_argument("--streams", type=lambda s: tuple(int(x) for x in _names(s)), default=(2, 4, 8))
+    bp.add_argument("--drafters", type=_names, default=["ngram", "prompt-lookup"])
+    bp.add_argument("--draft-length", type=int, default=4)
+    _common(bp)
+
     rp = sub.add_parser("report", help="Markdown tables from a result JSON")
     rp.add_argument("result")
     rp.add_argument("--into", default=None)
@@ -154,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts, args.per_category, args.categories)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
+    if args.command == "batch":
+        from .batching import run_batching
+
+        result = run_batching(args.model, prompts, args.streams, args.max_new_tokens, tuple(args.drafters),
+                              args.draft_length, args.max_prompt_tokens, args.dtype, progress=log)
+        _finish(args, result, f"batching_{args.model.replace('/', '_')}")
+        return 0
     if args.command == "overhead":
         from .overhead import run_overhead
 

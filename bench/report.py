@@ -155,6 +155,10 @@ def render(result: dict) -> str:
         return quality_report(result)
     if kind == "overhead":
         return overhead_report(result)
+    if kind == "batching":
+        from .batching import batching_report
+
+        return batching_report(result)
     if kind == "row_cost":
         from .row_cost import row_cost_report
 

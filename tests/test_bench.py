@@ -243,3 +243,19 @@ def test_row_cost_measures_dense_and_packed_layouts(tmp_path):
         assert row["step_ms"] > 0 and set(row["tree_ms"]) == {1, 4} and all(v > 0 for v in row["tree_ms"].values())
     report = row_cost_report(json.loads(json.dumps(result)))  # as read back from a result file
     assert "| oneDNN packed |" in report and "1 + 4 rows" in report
+
+
+@pytest.mark.slow
+def test_batching_bench_smoke_on_embedded_default(tmp_path):
+    from bench.__main__ import main
+
+    out, md = tmp_path / "batch.json", tmp_path / "B.md"
+    assert main(["batch", "--streams", "2", "--per-category", "1", "--categories", "translation,qa",
+                 "--max-new-tokens", "6", "--out", str(out), "--into", str(md), "--block", "b"]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["streams"], r["mode"]) for r in result["rows"]] == [(2, "speculative"), (2, "plain")]
+    for r in result["rows"]:
+        assert r["same_tokens"]  # fp32 greedy: batching changes the speed, never the tokens
+        assert 1.0 <= r["mean_batch"] <= 2.0 and r["tokens"] >= 2
+        assert r["off_tokens_per_s"] > 0 and r["on_tokens_per_s"] > 0
+    assert "| 2 | plain |" in md.read_text()

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 
 APP = "specserve"
 MAX_NEW = 40
+LONG_NEW = 200  # no eos in the tiny model's first 200 greedy tokens (checked in the deadline test)
 
 
 def free_port(start: int) -> int:
@@ -160,6 +161,39 @@ def test_grpc_unary_and_invalid_argument(app, plain_greedy):
         app.Generate(gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=[10_000]), rule="greedy"),
                      metadata=METADATA, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_deadline_ends_the_call_and_the_app_keeps_serving(app, plain_greedy, cluster):
+    from specserve.models.causal_lm import CausalLM
+
+    lm = CausalLM.load(cluster["model_dir"], dtype="float32")
+    assert 2 not in lm.plain_generate(PROMPT, LONG_NEW, stop_ids=()), "the long request would end at eos"
+    # Serve's gRPC proxy does not pass the client's deadline on; the client's channel enforces it
+    # and the proxy cancels the router call, so the generation stops instead of running on
+    long_request = greedy_request()
+    long_request.max_new_tokens = LONG_NEW
+    with pytest.raises(grpc.RpcError) as info:
+        stream(app, long_request, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    reply = app.Generate(greedy_request(), metadata=METADATA, timeout=60)
+    assert list(reply.token_ids) == expected(plain_greedy, list(reply.token_ids))
+
+
+def test_concurrent_streams_share_the_verifier_and_each_equals_plain_greedy(app, plain_greedy):
+    # the Verifier replica batches concurrent verify calls into shared passes
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        results[i] = [t for c in stream(app, greedy_request()) for t in c.token_ids]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    for tokens in results.values():
+        assert tokens == expected(plain_greedy, tokens)
 
 
 def test_drafter_replica_killed_mid_generation_same_output(app, plain_greedy):
