@@ -42,7 +42,7 @@ def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, draft_length: 
     results = asyncio.run(all_streams())
     seconds = time.perf_counter() - started
     tokens = [t for t, _ in results]
-    passes = verifier.batch_sizes
+    passes = verifier.shared_pass_sizes
     return {
         "seconds": seconds,
         "tokens": sum(len(t) for t in tokens),
@@ -77,7 +77,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
             }
             rows.append(row)
             progress(f"{count} streams, {mode}: off {row['off_tokens_per_s']:.1f} tok/s, on "
-                     f"{row['on_tokens_per_s']:.1f} tok/s ({row['ratio']:.2f}x, mean batch {row['mean_batch']:.1f}, "
+                     f"{row['on_tokens_per_s']:.1f} tok/s ({row['ratio']:.2f}x, calls per shared pass {row['mean_batch']:.1f}, "
                      f"same tokens {row['same_tokens']})")
     return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
@@ -86,7 +86,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
 
 def batching_report(result: dict) -> str:
     meta = result["meta"]
-    head = ["streams", "decoding", "batching off (tok/s)", "batching on (tok/s)", "ratio", "mean batch", "same tokens"]
+    head = ["streams", "decoding", "batching off (tok/s)", "batching on (tok/s)", "ratio", "calls per shared pass", "same tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         lines.append("| " + " | ".join([
@@ -95,5 +95,6 @@ def batching_report(result: dict) -> str:
     lines.append("")
     lines.append(f"_`{meta['model']}` ({meta['dtype']}), drafters {', '.join(meta['drafters'])}, greedy, draft length "
                  f"{meta['draft_length']} (plain = draft length 0), max_new_tokens {meta['max_new_tokens']}, "
-                 f"{meta['threads']} torch threads; aggregate tokens/s of all streams, one prompt per stream._")
+                 f"{meta['threads']} torch threads; aggregate tokens/s of all streams, one prompt per stream; calls per "
+                 f"shared pass leaves out passes that ran one call alone (1.0 = none was shared)._")
     return "\n".join(lines)

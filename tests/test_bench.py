@@ -208,7 +208,8 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
     assert {r.category for r in recs} == {"translation", "qa"}
     plain = {r.question_id: r.output_ids for r in recs if r.method == "plain"}
     for r in recs:
-        assert 1 <= r.generated <= 6 and r.rounds >= 1 and 0 <= r.accepted <= r.drafted
+        assert r.generated == len(r.output_ids) and 1 <= r.generated <= 6
+        assert 1 <= r.rounds <= r.generated and 0 <= r.accepted <= r.drafted
         assert r.output_ids == plain[r.question_id], r.method  # fp32 greedy: lossless everywhere
     text = md.read_text()
     assert "Speedup over plain decoding, greedy" in text and "hf-assisted" in text
@@ -256,6 +257,8 @@ def test_batching_bench_smoke_on_embedded_default(tmp_path):
     assert [(r["streams"], r["mode"]) for r in result["rows"]] == [(2, "speculative"), (2, "plain")]
     for r in result["rows"]:
         assert r["same_tokens"]  # fp32 greedy: batching changes the speed, never the tokens
-        assert 1.0 <= r["mean_batch"] <= 2.0 and r["tokens"] >= 2
+        assert r["tokens"] >= 2
         assert r["off_tokens_per_s"] > 0 and r["on_tokens_per_s"] > 0
+    plain = result["rows"][1]
+    assert plain["mean_batch"] == 2.0  # two plain streams: every shared pass held both of them
     assert "| 2 | plain |" in md.read_text()

@@ -100,7 +100,8 @@ class LocalVerifier:
         self.on_verified = on_verified
         self.max_batch_size = max_batch_size
         self._batcher = ContinuousBatcher(self.verify_batch_sync, max_batch_size) if max_batch_size > 1 else None
-        self.batch_sizes: list[int] = []  # size of every batched pass (for tests and benchmarks)
+        # calls per SHARED pass (2 or more; passes that ran one call alone are not recorded)
+        self.shared_pass_sizes: list[int] = []
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:
         started = time.perf_counter()
@@ -141,7 +142,7 @@ class LocalVerifier:
                         session.sync(calls[i].committed)
                         sessions.append(session)
                     all_logits = score_trees(sessions, [calls[i].tree for i in batched])
-                    self.batch_sizes.append(len(batched))
+                    self.shared_pass_sizes.append(len(batched))
                     for i, session, logits in zip(batched, sessions, all_logits):
                         try:
                             results[i] = self._accept(session, calls[i], logits, started, plain_step=False)
