@@ -1,4 +1,4 @@
-"""`python -m bench {speed,quality,overhead,rows,batch,report,plots}` (see BENCHMARKS.md for the exact runs)."""
+"""`python -m bench {speed,quality,overhead,rows,round,batch,report,plots}` (see BENCHMARKS.md for the exact runs)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--block", default=None)
     cp.add_argument("--plots", default=None)
 
+    rc = sub.add_parser("round", help="a decode-loop round vs its forward passes (verifier-only and speculative)")
+    rc.add_argument("--model", default="smollm2-135m")
+    rc.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    rc.add_argument("--contexts", type=lambda s: tuple(int(x) for x in _names(s)), default=(300, 1000))
+    rc.add_argument("--rounds", type=int, default=24)
+    rc.add_argument("--depth", type=int, default=3)
+    rc.add_argument("--early-exit", type=int, default=8)
+    _common(rc)
+
     bp = sub.add_parser("batch", help="concurrent streams: verification batching off vs on")
     bp.add_argument("--model", default="smollm2-135m")
     bp.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
@@ -162,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_prompts(args.prompts, args.per_category, args.categories)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
+    if args.command == "round":
+        from .round_cost import run_round_cost
+
+        result = run_round_cost(args.model, [p.text for p in prompts], args.contexts, args.rounds, args.depth,
+                                args.early_exit, args.dtype, progress=log)
+        _finish(args, result, f"round_{args.model.replace('/', '_')}")
+        return 0
     if args.command == "batch":
         from .batching import run_batching
 

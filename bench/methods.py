@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 class Method:
     name: str
     system: str  # "plain" | "ours" | "peer"
-    drafters: tuple[str, ...] = ()  # ours: "lm" | "ngram" | "prompt-lookup" | "cascade"
+    drafters: tuple[str, ...] = ()  # ours: "lm" | "ngram" | "prompt-lookup" | "suffix" | "cascade"
     rule: str = "sps"
     delta: float = 0.5  # cactus
     tree_config: tuple[int, ...] | None = None
@@ -39,6 +39,10 @@ def catalogue(draft_length: int = 4, cactus_deltas: tuple[float, ...] = (0.5, 1.
         Method("cascade", "ours", ("cascade",), draft_length=k, needs_lm_drafter=True),
         Method("ngram", "ours", ("ngram",), draft_length=k),
         Method("prompt-lookup", "ours", ("prompt-lookup",), draft_length=k),
+        Method("suffix", "ours", ("suffix",), draft_length=k),
+        # the model-free trio (the embedded default's drafters)
+        Method("suffix+ngram+pl", "ours", ("suffix", "ngram", "prompt-lookup"), draft_length=k),
+        Method("lm+suffix", "ours", ("lm", "suffix"), draft_length=k, needs_lm_drafter=True),
         Method("lm+ngram", "ours", ("lm", "ngram"), draft_length=k, needs_lm_drafter=True),
         # acceptance rules on the LM chain (identical to `chain` under greedy decoding)
         *[
@@ -57,6 +61,8 @@ def catalogue(draft_length: int = 4, cactus_deltas: tuple[float, ...] = (0.5, 1.
         # the peer
         Method("hf-plain", "peer", peer_method="hf-plain"),
         Method("hf-assisted", "peer", peer_method="hf-assisted", needs_lm_drafter=True),
+        # the same with our (quantized, when --drafter MODEL@int8) drafter modules
+        Method("hf-assisted-q", "peer", peer_method="hf-assisted-q", needs_lm_drafter=True),
         Method("hf-prompt-lookup", "peer", peer_method="hf-prompt-lookup"),
     ]
     return {m.name: m for m in methods}

@@ -159,6 +159,10 @@ def render(result: dict) -> str:
         from .batching import batching_report
 
         return batching_report(result)
+    if kind == "round_cost":
+        from .round_cost import round_cost_report
+
+        return round_cost_report(result)
     if kind == "row_cost":
         from .row_cost import row_cost_report
 

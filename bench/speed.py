@@ -92,6 +92,8 @@ def run_speed(
             "verifier": systems.setup.verifier_spec,
             "drafter": systems.drafter_label,
             "dtype": str(systems.verifier.dtype).replace("torch.", ""),
+            "verifier_kernels": systems.verifier.kernels,
+            "drafter_kernels": getattr(systems.drafter, "kernels", ""),
             "dynamic_length": systems.setup.dynamic_length,
             "cascade_lenience": systems.setup.cascade_lenience,
             "config": asdict(config),

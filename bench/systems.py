@@ -19,8 +19,12 @@ from specserve.cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
 from specserve.engine import GenerationRequest, GenerationStats, RuleParams, SpeculativeEngine
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.models.causal_lm import CausalLM, truncated_copy
-from specserve.models.drafters import LMDrafter, check_same_tokenizer
+from specserve.engine.factory import load_drafter_lm
+from specserve.models.compute import run_sync
+from specserve.models.drafters import LMDrafter
 from specserve.models.ngram import MaxGramDrafter, PromptLookupDrafter
+from specserve.models.quantize import split_spec
+from specserve.models.suffix import SuffixDrafter
 from specserve.sampling.params import SamplingParams
 
 from .methods import Method
@@ -55,16 +59,23 @@ class Systems:
             self.drafter = drafter
             self.drafter_label = setup.drafter_spec or drafter.name
         elif setup.drafter_spec:
-            self.drafter = CausalLM.load(setup.drafter_spec, dtype=setup.dtype, device=setup.device)
-            check_same_tokenizer(self.drafter, self.verifier)
+            self.drafter = load_drafter_lm(setup.drafter_spec, self.verifier)  # "MODEL@int8" quantizes
             self.drafter_label = setup.drafter_spec
         else:
             self.drafter = truncated_copy(self.verifier, setup.early_exit_layers)
             self.drafter_label = f"early-exit:{setup.early_exit_layers}"
+        # the peer's assistant at full precision (hf-assisted), and the quantized one where ours is
+        # quantized (hf-assisted-q: transformers runs our quantized modules as they are)
+        base, scheme = split_spec(setup.drafter_spec) if setup.drafter_spec else (None, None)
+        self.peer_drafter = self.drafter
+        if scheme is not None and drafter is None:
+            base = self.verifier.name if base == "self" else base
+            self.peer_drafter = CausalLM.load(base, dtype=setup.dtype, device=setup.device)
         self.tokenizer = self.verifier.tokenizer
         self.stop_ids = stop_token_ids(self.verifier)
         self._local_verifier = LocalVerifier(self.verifier, max_sessions=2)
         self._bigram = MaxGramDrafter.from_texts(self.tokenizer, setup.bigram_texts, name="ngram")
+
 
     # ---- our drafters ------------------------------------------------------------------
     def _drafter_backend(self, kind: str, draft_length: int):
@@ -77,6 +88,11 @@ class Systems:
             return LocalDrafter(self._bigram, name="ngram")
         if kind == "prompt-lookup":
             return LocalDrafter(PromptLookupDrafter(name="prompt-lookup"))
+        if kind == "suffix":
+            # a new one per engine (= per method and temperature): its global trie learns from the
+            # earlier prompts of the run, as a server's would, never from another method's answer
+            # to the same prompt
+            return LocalDrafter(SuffixDrafter(name="suffix"))
         if kind == "cascade":
             cascade = CascadeDrafter(
                 [LMReviewer(self.drafter, name="lm")],
@@ -157,9 +173,12 @@ class Systems:
                 first_token_seconds=first.since(t0),
             )
         if method.system == "peer":
-            result = peer_generate(
-                method.peer_method, self.verifier.model, prompt_ids, max_new_tokens, temperature, seed,
-                assistant=self.drafter.model, stop_ids=tuple(self.stop_ids),
+            assistant = self.drafter if method.peer_method == "hf-assisted-q" else self.peer_drafter
+            # on the compute thread, like our engine's model work (models/compute.py)
+            result = run_sync(
+                peer_generate,
+                method.peer_method.removesuffix("-q"), self.verifier.model, prompt_ids, max_new_tokens, temperature,
+                seed, assistant=assistant.model, stop_ids=tuple(self.stop_ids),
                 early_exit_layers=self.setup.early_exit_layers,
             )
             c = result.counts

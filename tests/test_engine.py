@@ -148,10 +148,11 @@ def test_drafter_failures_change_speed_not_output(verifier_lm):
     tokens, stats = engine.run(GenerationRequest(prompt_ids=PROMPT, max_new_tokens=40, rule="greedy"))
     assert tokens == plain(verifier_lm, 40)
     # calls 2, 3 (raised) and 5 (timed out) left their rounds verifier-only; every drafted
-    # round accepted all 4 tokens (the drafter is the verifier itself)
+    # round accepted all its tokens (the drafter is the verifier itself), 4 but near the end
     rounds_with_drafts = stats.drafted_per_position[0]
     assert stats.rounds - rounds_with_drafts >= 3
-    assert stats.accepted == stats.drafted == 4 * rounds_with_drafts
+    assert stats.accepted == stats.drafted
+    assert stats.drafted_per_position[3] >= rounds_with_drafts - 1
 
 
 def test_all_drafters_failing_is_plain_decoding(verifier_lm):

@@ -14,7 +14,6 @@ it needs no network.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 import time
@@ -279,10 +278,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.plain:
         started = time.perf_counter()
-        # in a worker thread, like the engine's model work, so the two are timed alike
-        tokens = asyncio.run(
-            asyncio.to_thread(lm.plain_generate, prompt_ids, args.max_new_tokens, sampling, args.seed, stops)
-        )
+        # on the compute thread, like the engine's model work (models/compute.py)
+        tokens = lm.plain_generate(prompt_ids, args.max_new_tokens, sampling, args.seed, stops)
         seconds = time.perf_counter() - started
         stream.add(tokens)
         stream.close()

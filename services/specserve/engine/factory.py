@@ -4,8 +4,11 @@
     "ngram:PATH"     Max-Gram with its bigram fallback table built from a text file (one text per
                      line), tokenized with the verifier's tokenizer
     "prompt-lookup"  prompt lookup decoding (n-gram copy from the context)
+    "suffix"         SuffixDecoding: suffix tries over the request and earlier outputs, drafts trees
     "early-exit:N"   the verifier's first N layers (shares its weights)
     anything else    a causal LM (alias, local path or hub id) sharing the verifier's tokenizer
+    "MODEL@int8|int4" that LM with quantized weights (models/quantize.py); "self@int8|int4" is a
+                     quantized copy of the verifier's own weights (shares nothing but the tokenizer)
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from ..cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
 from ..models.base import Drafter
 from ..models.causal_lm import CausalLM, truncated_copy
 from ..models.drafters import EarlyExitDrafter, LMDrafter, check_same_tokenizer
+from ..models.quantize import split_spec
 from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
+from ..models.suffix import SuffixDrafter
 from .local import LocalDrafter
 
-STATISTICAL = ("ngram", "prompt-lookup")
+STATISTICAL = ("ngram", "prompt-lookup", "suffix")
 
 
 def is_statistical(spec: str) -> bool:
@@ -54,7 +59,12 @@ def load_drafter_lm(spec: str, verifier: CausalLM) -> CausalLM:
     """The LM behind a neural drafter spec (early-exit shares the verifier's weights)."""
     if spec.startswith("early-exit:"):
         return truncated_copy(verifier, parse_early_exit(spec), name=spec)
-    lm = CausalLM.load(spec, dtype=verifier.dtype, device=str(verifier.device))
+    model, scheme = split_spec(spec)
+    if model == "self":
+        if scheme is None:
+            raise ValueError(f"drafter {spec!r}: 'self' needs a quantization, e.g. 'self@int8'")
+        model = verifier.name
+    lm = CausalLM.load(model, dtype=verifier.dtype, device=str(verifier.device), quantize=scheme, name=spec)
     check_same_tokenizer(lm, verifier)
     return lm
 
@@ -64,6 +74,8 @@ def make_drafter(spec: str, verifier: CausalLM) -> Drafter:
         return make_max_gram(spec, verifier)
     if spec == "prompt-lookup":
         return PromptLookupDrafter(name=spec)
+    if spec == "suffix":
+        return SuffixDrafter(name=spec)
     if spec.startswith("early-exit:"):
         return EarlyExitDrafter(verifier, parse_early_exit(spec))
     lm = load_drafter_lm(spec, verifier)

@@ -2,8 +2,9 @@
 
 LocalDrafter wraps any models Drafter; LocalVerifier wraps a CausalLM and its per-session KV
 caches and runs acceptance right next to the logits (sync -> score_tree -> process_logits ->
-verify_tree -> commit), so only token ids leave it. Model work runs in a worker thread
-(torch releases the GIL), which keeps the event loop free to stream and to time drafters out.
+verify_tree -> commit), so only token ids leave it. Model work runs off the event loop (torch
+releases the GIL), which keeps it free to stream and to time drafters out: on the CPU always on
+the ONE compute thread of models/compute.py (a second torch thread slows every forward).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..models.base import Drafter
 from ..models.batched import score_trees
 from ..models.causal_lm import CausalLM, SessionCache
+from ..models.compute import run_async
 from ..sampling import ti_roots_lossy, verify_tree
 from ..sampling.params import process_logits
 from ..tree.token_tree import ROOT, TokenTree
@@ -44,6 +46,11 @@ class LocalDrafter:
         self._lock = threading.Lock()  # a timed-out call may still run: never two at once
         # drafters with per-session caches take the session id (keeps concurrent requests apart)
         self._session_kw = "session_id" in inspect.signature(drafter.propose).parameters
+        self._tree_drafter = callable(getattr(drafter, "propose_tree", None))
+        # where its work runs (models/compute.py): model-free drafters run no torch kernels, so
+        # they take asyncio's thread pool and a hung one holds no core the verifier needs
+        lm = getattr(drafter, "lm", None)
+        self.device = "none" if getattr(drafter, "model_free", False) else getattr(lm, "device", "cpu")
 
     def draft_sync(self, call: DraftCall) -> DraftReply:
         started = time.perf_counter()
@@ -68,6 +75,11 @@ class LocalDrafter:
                 for proposals in tree.proposals.values():
                     for p in proposals:
                         p.drafter = p.drafter or self.name
+            elif self._tree_drafter:  # drafters that speculate trees of their own (models/suffix.py)
+                tree = self.drafter.propose_tree(call.committed, call.num_tokens, call.sampling, generator, **extra)
+                for proposals in tree.proposals.values():
+                    for p in proposals:
+                        p.drafter = self.name
             else:
                 proposal = self.drafter.propose(
                     call.committed, call.num_tokens, call.sampling, generator, **extra
@@ -77,7 +89,7 @@ class LocalDrafter:
         return DraftReply(tree=tree, drafter=self.name, seconds=time.perf_counter() - started)
 
     async def draft(self, call: DraftCall) -> DraftReply:
-        return await asyncio.to_thread(self.draft_sync, call)
+        return await run_async(self.draft_sync, call, device=self.device)
 
 
 class LocalVerifier:
@@ -99,7 +111,9 @@ class LocalVerifier:
         # optional observer (call, target_probs, verdict): e.g. collecting decision-model data
         self.on_verified = on_verified
         self.max_batch_size = max_batch_size
-        self._batcher = ContinuousBatcher(self.verify_batch_sync, max_batch_size) if max_batch_size > 1 else None
+        self._batcher = (
+            ContinuousBatcher(self.verify_batch_sync, max_batch_size, device=lm.device) if max_batch_size > 1 else None
+        )
         # calls per SHARED pass (2 or more; passes that ran one call alone are not recorded)
         self.shared_pass_sizes: list[int] = []
 
@@ -216,7 +230,7 @@ class LocalVerifier:
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
         if self._batcher is None:
-            return await asyncio.to_thread(self.verify_sync, call)
+            return await run_async(self.verify_sync, call, device=self.lm.device)
         return await self._batcher.submit(call)
 
     def end_session(self, session_id: str) -> None:
@@ -230,8 +244,9 @@ class ContinuousBatcher:
 
     `run_batch(items) -> results` returns one result per item, an Exception for a failed item."""
 
-    def __init__(self, run_batch, max_batch_size: int) -> None:
+    def __init__(self, run_batch, max_batch_size: int, device=None) -> None:
         self.run_batch = run_batch
+        self.device = device  # where the batch function's work runs (models/compute.py)
         self.max_batch_size = max_batch_size
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._draining = False
@@ -253,7 +268,7 @@ class ContinuousBatcher:
                 if not batch:
                     continue
                 try:
-                    results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
+                    results = await run_async(self.run_batch, [item for item, _ in batch], device=self.device)
                 except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results):

@@ -24,7 +24,9 @@ from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import TokenTree
+from .compute import on_compute
 from .packed_linear import pack_linear_layers
+from .quantize import quantize_model
 from .weights import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,8 +61,10 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.lock = threading.RLock()
+        self.kernels = str(self.dtype).removeprefix("torch.")  # what its linear layers run (summaries)
 
     @classmethod
+    @on_compute  # the loading thread is the one that runs every later forward (models/compute.py)
     def load(
         cls,
         spec: str,
@@ -68,19 +72,28 @@ class CausalLM:
         device: str = "cpu",
         attn_implementation: str = "sdpa",
         pack_weights: bool = True,
+        quantize: str | None = None,
+        name: str | None = None,
     ) -> "CausalLM":
         """`spec`: an alias from models/weights.py, a local directory or a hub id.
         pack_weights: on fp32 CPU models, prepack every linear layer for oneDNN
-        (models/packed_linear.py), so verifying several rows costs about one decode step."""
+        (models/packed_linear.py), so verifying several rows costs about one decode step.
+        quantize: "int8" / "int4" weight quantization (models/quantize.py; drafters only)."""
         path = resolve_model(spec)
         torch_dtype = pick_dtype(dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation
         ).to(device)
-        if pack_weights:
-            pack_linear_layers(model)  # a no-op off CPU / fp32
-        return cls(model, tokenizer, name=spec)
+        if quantize:
+            kernels = quantize_model(model, quantize)
+        elif pack_weights and pack_linear_layers(model):  # a no-op off CPU / fp32
+            kernels = "fp32 oneDNN-packed"
+        else:
+            kernels = str(torch_dtype).removeprefix("torch.")
+        lm = cls(model, tokenizer, name=name or spec)
+        lm.kernels = kernels
+        return lm
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +116,7 @@ class CausalLM:
     def new_session(self) -> "LMSession":
         return LMSession(self)
 
+    @on_compute  # timed on the same thread as the engine's model work
     @torch.inference_mode()
     def plain_generate(
         self,

@@ -58,6 +58,8 @@ class MaxGramDrafter:
     """Max-Gram (MaG) per CS Drafting. `context` is prompt + generated text; `prompt_len` (per call,
     argument) says where the generated text starts (unknown: the whole text counts as generated)."""
 
+    model_free = True  # runs no torch kernels (engine/local.py runs it off the compute thread)
+
     def __init__(
         self,
         bigram: Mapping[int, int] | None = None,
@@ -114,6 +116,8 @@ class MaxGramDrafter:
 
 class PromptLookupDrafter:
     """Prompt lookup decoding: n-gram sizes max_ngram down to min_ngram, first match wins."""
+
+    model_free = True  # runs no torch kernels (engine/local.py runs it off the compute thread)
 
     def __init__(self, min_ngram: int = 1, max_ngram: int = 3, name: str = "prompt-lookup") -> None:
         if not 1 <= min_ngram <= max_ngram:
