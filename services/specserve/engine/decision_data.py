@@ -61,7 +61,8 @@ class DecisionDataCollector:
             if not children:
                 break
             t_x = target_probs[parent_row, token]
-            d_x = proposal.probs[i, token]
+            # greedy drafts carry no rows: their law is one-hot at the drafted token
+            d_x = proposal.probs[i, token] if proposal.probs is not None else torch.tensor(1.0)
             self.hidden.append(proposal.hidden[i].float())
             self.targets.append(acceptance_targets(t_x.reshape(1), d_x.reshape(1))[0])
             node = children[0].child

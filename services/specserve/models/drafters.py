@@ -100,14 +100,20 @@ class LMDrafter:
                 if should_stop(score, self.decision_threshold):
                     self.early_stops += 1
                     break
-            probs = _fit_vocab(process_logits(logits, params), self.target_vocab_size)
             if self.with_hidden:
                 hidden.append(session.next_hidden())
-            token = sample_token(probs, generator)
+            if params.greedy:  # the processed row is one-hot at the argmax: a deterministic proposal
+                token = int(logits.argmax())
+            else:
+                probs = _fit_vocab(process_logits(logits, params), self.target_vocab_size)
+                token = sample_token(probs, generator)
+                rows.append(probs)
             tokens.append(token)
-            rows.append(probs)
             session.append(token)  # lazy: the last token's forward only runs if asked for
-        probs_out = torch.stack(rows) if rows else torch.empty(0, self.target_vocab_size or self.lm.vocab_size)
+        if params.greedy:
+            probs_out = None  # one-hot rows, implied (models/base.py): nothing vocabulary-sized to ship
+        else:
+            probs_out = torch.stack(rows) if rows else torch.empty(0, self.target_vocab_size or self.lm.vocab_size)
         return DraftProposal(
             tokens=tokens,
             probs=probs_out,
