@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp)
     sp.add_argument("--methods", type=_names, default=None, help="comma-separated (default: all applicable)")
     sp.add_argument("--temperatures", type=_floats, default=(0.0, 1.0))
-    sp.add_argument("--draft-length", type=int, default=4)
+    sp.add_argument("--draft-length", type=int, default=16, help="maximum depth (the dynamic length picks)")
     sp.add_argument("--cactus-deltas", type=_floats, default=(0.5, 1.0))
     sp.add_argument("--cascade-lenience", type=float, default=2.0)
     sp.add_argument("--fixed-length", action="store_true", help="turn off dynamic draft length")

@@ -204,7 +204,7 @@ def test_deadline_exceeded_and_server_stays_healthy():
 def test_over_the_concurrency_limit_is_resource_exhausted():
     service = make_service(FakeVerifier(delay=0.05), max_concurrent_requests=1)
     with ServerThread(service) as s, SpecServeClient(s.target, timeout=30) as c:
-        stream = c.generate_stream(PROMPT, max_new_tokens=30)
+        stream = c.generate_stream(PROMPT, max_new_tokens=30, draft_length=1)  # >= 15 rounds of 50 ms
         first = next(stream)  # in flight now
         with pytest.raises(SpecServeError) as err:
             c.generate(PROMPT, max_new_tokens=2)
@@ -314,7 +314,7 @@ def test_a_failure_before_the_engine_is_internal_without_trace():
 def test_graceful_shutdown_drains_running_streams():
     s = ServerThread(make_service(FakeVerifier(delay=0.03)))
     with SpecServeClient(s.target, timeout=30) as c:
-        stream = c.generate_stream(PROMPT, max_new_tokens=30)
+        stream = c.generate_stream(PROMPT, max_new_tokens=30, draft_length=1)  # >= 15 rounds of 50 ms
         ids = list(next(stream).token_ids)
         stopping = threading.Thread(target=lambda: s._run(s.server.stop(grace=20)))
         stopping.start()

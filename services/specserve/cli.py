@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     g.add_argument("--top-p", type=probability, default=1.0, help="1 = off")
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
-    g.add_argument("--draft-length", type=non_negative_int, default=6, help="maximum draft depth per round (dynamic length may use less)")
+    g.add_argument("--draft-length", type=non_negative_int, default=16, help="maximum draft depth per round (the dynamic length drafts as deep as pays, often less)")
     g.add_argument("--fixed-length", action="store_true", help="always draft --draft-length (no dynamic draft length)")
     g.add_argument("--overlap", action="store_true",
                    help="draft the next round while the verifier checks this one (pays when drafters have "

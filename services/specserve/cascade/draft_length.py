@@ -184,6 +184,8 @@ class DraftLengthPolicy:
         # one-off cost that must not count as per-token drafting cost (it would switch
         # speculation off for dozens of rounds)
         if verify_seconds > 0 and self.draft_rounds > 1:
-            self.draft_ratios.append(draft_seconds / (drafted_depth * verify_seconds))
+            # in verifier-only steps, the unit of the whole model (a tree pass costs more than one)
+            step = statistics.median(self.step_times) if self.step_times else verify_seconds
+            self.draft_ratios.append(draft_seconds / (drafted_depth * step))
             if len(self.draft_ratios) > self.window:
                 self.draft_ratios.popleft()

@@ -4,6 +4,7 @@ SpecServeError (carrying the gRPC status code and the server's message) on failu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -81,24 +82,42 @@ def _error(e: grpc.RpcError) -> SpecServeError:
     return SpecServeError(e.code(), e.details() or "")
 
 
-class SpecServeClient:
-    """Blocking client. `timeout` (seconds) becomes the gRPC deadline of each call."""
+def _credentials(tls: bool, tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (a CA bundle file, else the system roots) or None for plaintext."""
+    if not tls and tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes() if tls_ca else None)
 
-    def __init__(self, target: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+class SpecServeClient:
+    """Blocking client. `timeout` (seconds) becomes the gRPC deadline of each call. `api_key` is
+    sent as `authorization: Bearer KEY`; `tls_ca` (a PEM file) or `tls=True` (system roots) turn
+    on TLS."""
+
+    def __init__(self, target: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 api_key: str | None = None, tls: bool = False, tls_ca: str | None = None):
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _metadata(api_key)
+        credentials = _credentials(tls, tls_ca)
+        options = _channel_options(max_message_bytes)
+        self._channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.insecure_channel(target, options=options))
         self._stub = gen_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int] | gen_pb.GenerateRequest, timeout: float | None = None, **options) -> gen_pb.GenerateResponse:
         req = prompt if isinstance(prompt, gen_pb.GenerateRequest) else build_request(prompt, **options)
         try:
-            return self._stub.Generate(req, timeout=timeout or self.timeout)
+            return self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
     def generate_stream(self, prompt: str | Sequence[int] | gen_pb.GenerateRequest, timeout: float | None = None, **options) -> Iterator[gen_pb.GenerateStreamChunk]:
         req = prompt if isinstance(prompt, gen_pb.GenerateRequest) else build_request(prompt, **options)
-        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             yield from call
         except grpc.RpcError as e:
@@ -117,23 +136,28 @@ class SpecServeClient:
 
 
 class AsyncSpecServeClient:
-    """asyncio client (grpc.aio). Create it inside a running event loop."""
+    """asyncio client (grpc.aio). Create it inside a running event loop. Options as SpecServeClient."""
 
-    def __init__(self, target: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, target: str, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 api_key: str | None = None, tls: bool = False, tls_ca: str | None = None):
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _metadata(api_key)
+        credentials = _credentials(tls, tls_ca)
+        options = _channel_options(max_message_bytes)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.aio.insecure_channel(target, options=options))
         self._stub = gen_grpc.GenerationStub(self._channel)
 
     async def generate(self, prompt: str | Sequence[int] | gen_pb.GenerateRequest, timeout: float | None = None, **options) -> gen_pb.GenerateResponse:
         req = prompt if isinstance(prompt, gen_pb.GenerateRequest) else build_request(prompt, **options)
         try:
-            return await self._stub.Generate(req, timeout=timeout or self.timeout)
+            return await self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
     async def generate_stream(self, prompt: str | Sequence[int] | gen_pb.GenerateRequest, timeout: float | None = None, **options) -> AsyncIterator[gen_pb.GenerateStreamChunk]:
         req = prompt if isinstance(prompt, gen_pb.GenerateRequest) else build_request(prompt, **options)
-        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for chunk in call:
                 yield chunk

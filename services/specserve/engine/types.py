@@ -25,7 +25,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     rule: str = "sps"
     rule_params: RuleParams = field(default_factory=RuleParams)
-    draft_length: int = 4  # max chain depth per round (dynamic length may use less)
+    draft_length: int = 16  # max chain depth per round (the dynamic length drafts as deep as pays)
     tree_config: tuple[int, ...] | None = None  # MCSD k-config, e.g. (2, 2, 1); None = chains
     drafters: tuple[str, ...] | None = None  # None = all configured drafters
     seed: int | None = None

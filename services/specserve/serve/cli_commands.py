@@ -13,6 +13,7 @@ calls `generate_remote(args)` when `args.server` is set. Also runnable without c
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import sys
 import time
@@ -43,6 +44,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--config", default=None,
         help="standalone: a YAML ServerConfig (serve/grpc_server.py); Ray: a Serve config (default deploy/local.yaml)",
     )
+    p.add_argument("--http-port", type=int, default=None,
+                   help="standalone: also serve the OpenAI-compatible HTTP API on this port (same process, same decode loop)")
+    p.add_argument("--api-key-file", default=None,
+                   help="API keys, one per line (also env SPECSERVE_API_KEY); clients send 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="standalone: listen on a non-loopback address without an API key")
+    p.add_argument("--tls-cert", default=None, help="standalone: PEM certificate for gRPC TLS and HTTPS")
+    p.add_argument("--tls-key", default=None, help="standalone: PEM private key of --tls-cert")
     p.add_argument("--ray-address", default=None, help="Ray cluster to deploy on (default: start a local one)")
     p.set_defaults(func=run_serve)
 
@@ -56,6 +65,8 @@ def add_server_option(parser: argparse.ArgumentParser) -> None:
         "--server", metavar="HOST:PORT", default=None,
         help="send the request to a running specserve server instead of loading models here",
     )
+    parser.add_argument("--api-key", default=None, help="with --server: the API key (default: env SPECSERVE_API_KEY)")
+    parser.add_argument("--tls-ca", default=None, help="with --server: PEM CA certificate; turns on TLS")
 
 
 def standalone_config(args: argparse.Namespace):
@@ -64,7 +75,9 @@ def standalone_config(args: argparse.Namespace):
 
     data = ServerConfig.model_validate(yaml.safe_load(Path(args.config).read_text()) if args.config else {}).model_dump()
     for key, value in (("address", args.address), ("port", args.port), ("metrics_port", args.metrics_port),
-                       ("max_concurrent_requests", args.max_concurrent)):
+                       ("max_concurrent_requests", args.max_concurrent), ("http_port", args.http_port),
+                       ("api_key_file", args.api_key_file), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
+                       ("allow_unauthenticated", args.allow_unauthenticated or None)):
         if value is not None:
             data[key] = value
     for key, value in (("verifier", args.verifier), ("drafters", args.drafter), ("dtype", args.dtype)):
@@ -79,8 +92,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
         asyncio.run(serve_standalone(standalone_config(args)))
         return 0
-    standalone_only = [f for f in ("address", "port", "metrics_port", "verifier", "drafter", "dtype", "max_concurrent")
+    standalone_only = [f for f in ("address", "port", "metrics_port", "verifier", "drafter", "dtype", "max_concurrent",
+                                   "http_port", "api_key_file", "tls_cert", "tls_key")
                        if getattr(args, f) is not None]
+    if args.allow_unauthenticated:
+        standalone_only.append("allow_unauthenticated")
     if standalone_only:
         raise SystemExit(
             f"specserve serve: --{standalone_only[0].replace('_', '-')} applies to --standalone only; "
@@ -133,7 +149,9 @@ def generate_remote(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
     started = time.perf_counter()
     try:
-        with SpecServeClient(args.server, timeout=getattr(args, "timeout", None)) as client:
+        api_key = getattr(args, "api_key", None) or os.environ.get("SPECSERVE_API_KEY", "").split(",")[0] or None
+        with SpecServeClient(args.server, timeout=getattr(args, "timeout", None), api_key=api_key,
+                             tls_ca=getattr(args, "tls_ca", None)) as client:
             for chunk in client.generate_stream(_request_from_args(args)):
                 out.write(chunk.text)
                 out.flush()

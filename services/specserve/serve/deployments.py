@@ -29,15 +29,22 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- model loading (in replicas)
 
 
-def _load_lm(spec: str, models: ModelSettings):
+def _load_lm(spec: str, models: ModelSettings, drafter: bool = False):
+    """A model by spec; drafters may say "MODEL@int8" / "MODEL@int4" (models/quantize.py)."""
     from ..models.causal_lm import CausalLM
+    from ..models.quantize import split_spec
 
-    return CausalLM.load(spec, dtype=models.dtype, device=models.device)
+    model, scheme = split_spec(spec) if drafter else (spec, None)
+    return CausalLM.load(model, dtype=models.dtype, device=models.device, quantize=scheme, name=spec)
 
 
 def build_drafter(kind: str, models: ModelSettings):
     """The models-level Drafter behind one drafter deployment."""
     if kind == "ngram":
+        if models.ngram_method == "suffix":
+            from ..models.suffix import SuffixDrafter
+
+            return SuffixDrafter(name="ngram", max_sessions=models.session_cache_size)
         from ..models.ngram import PromptLookupDrafter
 
         return PromptLookupDrafter(min_ngram=1, max_ngram=models.ngram_max, name="ngram")
@@ -45,10 +52,10 @@ def build_drafter(kind: str, models: ModelSettings):
 
     if kind == "small":
         # early exit of the small-drafter model: its first `small_drafter_layers` layers + lm_head
-        lm = _load_lm(models.small_drafter, models)
+        lm = _load_lm(models.small_drafter, models, drafter=True)
         return EarlyExitDrafter(lm, models.small_drafter_layers, max_sessions=models.session_cache_size)
     if kind == "medium":
-        lm = _load_lm(models.medium_drafter, models)
+        lm = _load_lm(models.medium_drafter, models, drafter=True)
         return LMDrafter(lm, name="medium", max_sessions=models.session_cache_size)
     raise ValueError(f"unknown drafter kind {kind!r}")
 
@@ -73,7 +80,8 @@ class _DrafterReplica:
 
 @serve.deployment(name=DEPLOYMENT_NAMES["ngram"])
 class NgramDrafter(_DrafterReplica):
-    """Prompt-lookup / n-gram drafter: no model, nearly free; the bottom of the cascade."""
+    """Model-free drafter (suffix trees by default, or prompt lookup): nearly free; the bottom of
+    the cascade. The suffix drafter's global trie of earlier outputs lives in each replica."""
 
     kind = "ngram"
 

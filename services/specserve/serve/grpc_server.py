@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Literal
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, Field
 
 from ..v1 import generation_pb2 as gen_pb
+from .auth import APIKeys, GrpcKeyInterceptor, check_exposure
 from .metrics import ServeMetrics
 from .service import GenerationService, ServiceError
 from .validation import ModelInfo, RequestLimits
@@ -48,6 +50,15 @@ class ServerConfig(BaseModel):
     address: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)  # 0 = any free port
     metrics_port: int | None = Field(None, ge=0, le=65535)  # None = no HTTP metrics endpoint
+    # OpenAI-compatible HTTP API (serve/openai_api.py) on the same service and decode loop; None = off
+    http_port: int | None = Field(None, ge=0, le=65535)
+    # API keys (serve/auth.py): a file with one key per line, plus env SPECSERVE_API_KEY
+    api_key_file: str | None = None
+    # without a key the server listens on loopback addresses only, unless this says otherwise
+    allow_unauthenticated: bool = False
+    # TLS for gRPC and HTTPS (PEM files); both or neither
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Public messages are small (a prompt, some ids); anything near these limits is a mistake.
     max_receive_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_send_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -102,13 +113,22 @@ def generation_handler(service: GenerationService) -> grpc.GenericRpcHandler:
 class StandaloneServer:
     """grpc.aio server around one GenerationService. `await start()` returns the bound port."""
 
-    def __init__(self, service: GenerationService, config: ServerConfig | None = None):
+    def __init__(self, service: GenerationService, config: ServerConfig | None = None, keys: APIKeys | None = None):
         self.service = service
         self.config = config or ServerConfig()
+        c = self.config
+        if (c.tls_cert is None) != (c.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        self.keys = keys if keys is not None else APIKeys.load(c.api_key_file)
+        # refuses a non-loopback address without keys (unless allowed); says so when open
+        self.open_warning = check_exposure(self.keys, [c.address], c.allow_unauthenticated)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
+        self._http: "uvicorn.Server | None" = None
+        self._http_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         c = self.config
@@ -116,14 +136,21 @@ class StandaloneServer:
             options=[
                 ("grpc.max_receive_message_length", c.max_receive_message_bytes),
                 ("grpc.max_send_message_length", c.max_send_message_bytes),
-            ]
+            ],
+            interceptors=[GrpcKeyInterceptor(self.keys)] if self.keys else None,
         )
         server.add_generic_rpc_handlers((generation_handler(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(f"{c.address}:{c.port}")
+        if c.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())]
+            )
+            self.port = server.add_secure_port(f"{c.address}:{c.port}", credentials)
+        else:
+            self.port = server.add_insecure_port(f"{c.address}:{c.port}")
         if not self.port:
             raise OSError(f"cannot bind {c.address}:{c.port}")
         await server.start()
@@ -132,14 +159,46 @@ class StandaloneServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if c.metrics_port is not None:
             self._metrics_http = self.service.metrics.serve_http(c.metrics_port, c.address)
-        log.info("specserve gRPC on %s:%d (metrics port %s)", c.address, self.port, c.metrics_port)
+        if c.http_port is not None:
+            await self._start_http()
+        if self.open_warning:
+            log.warning(self.open_warning)
+        log.info("specserve gRPC on %s:%d%s (HTTP port %s, metrics port %s)", c.address, self.port,
+                 " with TLS" if c.tls_cert else "", self.http_port, c.metrics_port)
         return self.port
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API in this process's event loop: the same service, one decode loop."""
+        import socket
+
+        import uvicorn
+
+        from .openai_api import build_openai_app
+
+        c = self.config
+        app = build_openai_app(lambda: self.service, self.service.model.name or "specserve", self.keys)
+        sock = socket.socket(socket.AF_INET6 if ":" in c.address else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((c.address, c.http_port))
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", ssl_certfile=c.tls_cert, ssl_keyfile=c.tls_key,
+                                timeout_graceful_shutdown=int(c.grace_seconds) or None, lifespan="off")
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:  # bound already; wait until it accepts
+            if self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+            await asyncio.sleep(0.01)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health NOT_SERVING first (load balancers stop sending), then drain."""
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._http_task
+            self._http = self._http_task = None
         await self._server.stop(self.config.grace_seconds if grace is None else grace)
         self._server = None
         if self._metrics_http is not None:
@@ -187,6 +246,7 @@ def model_info_for(lm, drafters: tuple[str, ...]) -> ModelInfo:
         vocab_size=int(lm.model.get_input_embeddings().num_embeddings),
         max_context=int(max_context),
         drafters=drafters,
+        name=getattr(lm, "name", ""),
     )
 
 
@@ -196,6 +256,9 @@ async def serve_standalone(config: ServerConfig, service: GenerationService | No
     server = StandaloneServer(service, config)
     port = await server.start()
     print(f"specserve: serving specserve.v1.Generation on {config.address}:{port}", flush=True)
+    if server.http_port is not None:
+        scheme = "https" if config.tls_cert else "http"
+        print(f"specserve: OpenAI-compatible API on {scheme}://{config.address}:{server.http_port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

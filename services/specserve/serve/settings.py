@@ -117,10 +117,15 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 class ModelSettings(_Strict):
     verifier: str = EMBEDDED_MODEL  # alias (models/weights.py), local directory or hub id
+    # drafter models take the CLI's spec syntax: "MODEL@int8" / "MODEL@int4" quantizes the drafter's
+    # weights (models/quantize.py, CPU only); the verifier is never quantized
     medium_drafter: str = EMBEDDED_MODEL  # stand-in on the embedded default: SmolLM2 drafting for itself
     small_drafter: str = EMBEDDED_MODEL  # the small drafter is an early exit of this model
     small_drafter_layers: int = Field(4, ge=1)  # early-exit depth of the small drafter
-    ngram_max: int = Field(4, ge=1)  # longest n-gram the n-gram drafter matches
+    # the n-gram deployment's drafter: "suffix" (SuffixDecoding: per-request + a per-replica global
+    # suffix trie over earlier outputs, models/suffix.py) or "prompt-lookup" (n-gram copy)
+    ngram_method: Literal["suffix", "prompt-lookup"] = "suffix"
+    ngram_max: int = Field(4, ge=1)  # longest n-gram prompt lookup matches
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     session_cache_size: int = Field(32, ge=1)  # per-replica LRU of session KV caches

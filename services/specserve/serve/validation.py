@@ -35,7 +35,7 @@ class RequestLimits(BaseModel):
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
     default_rule: str = "sps"
-    default_draft_length: int = Field(4, ge=1)
+    default_draft_length: int = Field(16, ge=1)  # the maximum: the dynamic length picks per round
     max_draft_length: int = Field(16, ge=1)
     max_tree_nodes: int = Field(64, ge=1)  # draft nodes per round (sum over levels of the k-config products)
     max_stop_sequences: int = Field(16, ge=0)
@@ -61,6 +61,7 @@ class ModelInfo:
     vocab_size: int
     max_context: int  # verifier context window in tokens
     drafters: tuple[str, ...]  # configured drafter names
+    name: str = ""  # the verifier's model name (what the HTTP API's /v1/models lists)
 
 
 def _finite(value: float) -> bool:
