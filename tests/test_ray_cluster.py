@@ -86,9 +86,10 @@ def app(cluster):
     """Deployed the way `specserve serve` does it: a Serve config file through run_local, with the
     app builder + args as import path (the checked-in configs use a built app instead)."""
     grpc_port = free_port(20100)
+    HTTP["port"] = free_port(grpc_port + 1)
     config = {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port(grpc_port + 1)},
+        "http_options": {"host": "127.0.0.1", "port": HTTP["port"]},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]},
         "applications": [{
             "name": APP,
@@ -121,6 +122,7 @@ def greedy_request(**fields) -> gen_pb.GenerateRequest:
 
 
 METADATA = (("application", APP),)
+HTTP: dict = {}  # Serve's HTTP proxy port (set by the app fixture)
 
 
 def replica_actors(deployment: str) -> list[str]:
@@ -165,6 +167,26 @@ def test_grpc_unary_and_invalid_argument(app, plain_greedy):
         app.Generate(gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=[10_000]), rule="greedy"),
                      metadata=METADATA, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_openai_http_through_serve_equals_the_grpc_api(app, plain_greedy):
+    """The OpenAI-compatible API through Serve's HTTP proxy and the Router ingress, beside gRPC."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP['port']}/specserve/v1", api_key="unused",
+                           max_retries=0, timeout=90)
+    grpc_reply = app.Generate(greedy_request(), metadata=METADATA, timeout=60)
+    body = {"rule": "greedy"}
+    unary = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_NEW, seed=11, extra_body=body)
+    assert unary.choices[0].text == grpc_reply.text
+    assert unary.usage.completion_tokens == len(grpc_reply.token_ids)
+    assert unary.model_extra["speculative_decoding"]["num_draft_tokens"] > 0
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=MAX_NEW, seed=11, stream=True,
+                                            extra_body=body))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == grpc_reply.text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=-1)
+    assert err.value.body["param"] == "temperature"
 
 
 def test_client_deadline_ends_the_call_and_the_app_keeps_serving(app, plain_greedy, cluster):

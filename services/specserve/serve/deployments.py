@@ -21,6 +21,7 @@ from ray import serve
 
 from ..v1 import internal_pb2 as int_pb
 from . import convert
+from .auth import APIKeys
 from .settings import DEPLOYMENT_NAMES, AppSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,32 @@ class Verifier:
 # ---------------------------------------------------------------- router (gRPC ingress)
 
 
+# The OpenAI-compatible HTTP API (serve/openai_api.py), served by Serve's HTTP proxy through the
+# Router. Serve builds the app on the replica (a builder, so no FastAPI object is pickled); its
+# routes reach the replica's service through this module's globals (one Router replica per
+# process), set in Router.__init__.
+# (Router's methods call the functions below rather than touch the dict: Serve pickles the
+# ingress-wrapped class by value, and a method naming the dict would carry its contents along.)
+_REPLICA: dict[str, Any] = {}
+
+
+def _set_replica(service, keys) -> None:
+    _REPLICA.update(service=service, keys=keys)
+
+
+def build_router_http_app():
+    from .openai_api import build_openai_app
+
+    return build_openai_app(lambda: _REPLICA["service"], keys=lambda: _REPLICA["keys"])
+
+
 @serve.deployment(name=DEPLOYMENT_NAMES["router"])
+@serve.ingress(build_router_http_app)
 class Router:
-    """Serve's gRPC proxy calls these methods with the decoded request message
-    (specserve.v1.Generation); errors become gRPC status codes through `grpc_context`."""
+    """The app's ingress. Serve's gRPC proxy calls `Generate` / `GenerateStream` with the decoded
+    request message (specserve.v1.Generation; errors become gRPC status codes through
+    `grpc_context`), Serve's HTTP proxy the OpenAI-compatible routes of OPENAI_APP. Both need
+    `Bearer KEY` when SPECSERVE_API_KEY is set in the replica's environment (serve/auth.py)."""
 
     def __init__(self, drafters: dict[str, Any], verifier: Any, settings: dict) -> None:
         from .router import RemoteDrafter, RemoteVerifier
@@ -146,10 +169,21 @@ class Router:
         remote_verifier = RemoteVerifier(verifier, timeout_s=s.verify_timeout_s, attempts=s.verify_attempts,
                                          grpc_transport=s.grpc_transport, affinity=s.session_affinity)
         self.service = _make_service(s, remote_drafters, remote_verifier)
+        self.keys = APIKeys.load()
+        _set_replica(self.service, self.keys)
+
+    def _authorized(self, grpc_context) -> bool:
+        if not self.keys:
+            return True
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        return self.keys.check(metadata.get("authorization"))
 
     async def Generate(self, request, grpc_context=None):  # noqa: N802 - gRPC method name
         from ..v1 import generation_pb2 as gen_pb
 
+        if not self._authorized(grpc_context):
+            _set_status(grpc_context, _unauthenticated())
+            return gen_pb.GenerateResponse()
         try:
             return await self.service.generate(request)
         except Exception as exc:  # noqa: BLE001 - mapped to a gRPC status below
@@ -157,6 +191,9 @@ class Router:
             return gen_pb.GenerateResponse()
 
     async def GenerateStream(self, request, grpc_context=None) -> AsyncIterator:  # noqa: N802
+        if not self._authorized(grpc_context):
+            _set_status(grpc_context, _unauthenticated())
+            raise RuntimeError("missing or invalid API key")
         try:
             async for chunk in self.service.generate_stream(request):
                 yield chunk
@@ -167,6 +204,14 @@ class Router:
             # replica wrap the error in gRPCStatusError, which the proxy answers with our code.
             # Raise a plain RuntimeError: ServiceError(code, message) does not unpickle in the proxy.
             raise RuntimeError(str(exc)) from None
+
+
+def _unauthenticated():
+    import grpc
+
+    from .service import ServiceError
+
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key (authorization: Bearer KEY)")
 
 
 def _make_service(settings: AppSettings, drafters: list, verifier: Any):
@@ -186,6 +231,7 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
         vocab_size=config.vocab_size,
         max_context=getattr(config, "max_position_embeddings", 2048),
         drafters=tuple(d.name for d in drafters),
+        name=settings.models.verifier,
     )
     loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
                       overlap_drafting=settings.overlap)

@@ -176,7 +176,7 @@ class StandaloneServer:
         from .openai_api import build_openai_app
 
         c = self.config
-        app = build_openai_app(lambda: self.service, self.service.model.name or "specserve", self.keys)
+        app = build_openai_app(lambda: self.service, keys=self.keys)
         sock = socket.socket(socket.AF_INET6 if ":" in c.address else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((c.address, c.http_port))

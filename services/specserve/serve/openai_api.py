@@ -217,17 +217,24 @@ def _usage(stats: gen_pb.GenerationStats) -> dict[str, int]:
 
 
 def build_openai_app(
-    get_service: Callable[[], GenerationService], model_name: str, keys: APIKeys | None = None
+    get_service: Callable[[], GenerationService],
+    model_name: str | None = None,
+    keys: APIKeys | Callable[[], APIKeys] | None = None,
 ) -> FastAPI:
-    """The HTTP app. `get_service()` returns the running GenerationService (a Ray replica sets
-    it up after the app object exists)."""
-    keys = keys or APIKeys()
+    """The HTTP app. `get_service()` returns the running GenerationService and `keys` may be a
+    callable too: a Ray replica builds both after the app object exists (serve/deployments.py).
+    `model_name` defaults to the service's model name."""
+    get_keys = keys if callable(keys) else (lambda: keys or APIKeys())
     app = FastAPI(title="specserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def served_name() -> str:
+        return model_name or get_service().model.name or "specserve"
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         # before the body is read or parsed; /health stays open for probes
-        if request.url.path.startswith("/v1/") and not keys.check(request.headers.get("authorization")):
+        path = request.url.path
+        if "/v1/" in path and not get_keys().check(request.headers.get("authorization")):
             return APIError(401, "missing or invalid API key (Authorization: Bearer KEY)",
                             "authentication_error", None, "invalid_api_key").response()
         return await call_next(request)
@@ -254,15 +261,15 @@ def build_openai_app(
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "specserve"}]}
+        return {"object": "list", "data": [{"id": served_name(), "object": "model", "created": 0, "owned_by": "specserve"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody):
-        return await _complete(get_service(), body, chat=True, model_name=model_name)
+        return await _complete(get_service(), body, chat=True, model_name=served_name())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        return await _complete(get_service(), body, chat=False, model_name=model_name)
+        return await _complete(get_service(), body, chat=False, model_name=served_name())
 
     return app
 
