@@ -1,4 +1,4 @@
-"""`python -m bench {speed,quality,overhead,rows,round,batch,report,plots}` (see BENCHMARKS.md for the exact runs)."""
+"""`python -m bench {speed,quality,overhead,rows,kernels,round,batch,report,plots}` (see BENCHMARKS.md for the exact runs)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--block", default=None)
     cp.add_argument("--plots", default=None)
 
+    kp = sub.add_parser("kernels", help="drafter cost per token per weight kernel (fp32, int8, int4) vs a verifier step")
+    kp.add_argument("--verifier", default="qwen2.5-coder-1.5b")
+    kp.add_argument("--drafter", default="qwen2.5-coder-0.5b")
+    kp.add_argument("--context", type=int, default=300)
+    kp.add_argument("--steps", type=int, default=10)
+    kp.add_argument("--threads", type=int, default=None)
+    kp.add_argument("--out", default=None)
+    kp.add_argument("--into", default=None)
+    kp.add_argument("--block", default=None)
+    kp.add_argument("--plots", default=None)
+
     rc = sub.add_parser("round", help="a decode-loop round vs its forward passes (verifier-only and speculative)")
     rc.add_argument("--model", default="smollm2-135m")
     rc.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
@@ -162,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     from .systems import set_threads
 
     set_threads(args.threads)
+    if args.command == "kernels":
+        from .kernels import run_kernels
+
+        result = run_kernels(args.verifier, args.drafter, args.context, args.steps,
+                             progress=lambda m: print(m, file=sys.stderr))
+        _finish(args, result, f"kernels_{args.drafter.replace('/', '_')}")
+        return 0
     if args.command == "rows":
         from .row_cost import run_row_cost
 

@@ -4,6 +4,8 @@
 * standalone:  the same loop object behind specserve's standalone grpc.aio server
                (GenerationService), called by the Python client over loopback: adds protobuf,
                gRPC and the service's validation/streaming bookkeeping per request and per round;
+* http:        the same server's OpenAI-compatible HTTP API (`/v1/completions`, unary), called with
+               httpx over loopback: FastAPI/uvicorn and JSON instead of gRPC;
 * ray-serve:   the Serve app (router, drafter and verifier deployments, Serve's gRPC proxy),
                driven by deploy/round_overhead.py's `distributed` (owned by the serve engineer),
                which we call with the same Spec-Bench prompt ids.
@@ -40,7 +42,7 @@ class _ServerThread:
         from specserve.serve.grpc_server import ServerConfig, StandaloneServer
 
         self.loop = asyncio.new_event_loop()
-        self.server = StandaloneServer(service, ServerConfig(port=port, grace_seconds=0))
+        self.server = StandaloneServer(service, ServerConfig(port=port, http_port=0, grace_seconds=0))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(60)
@@ -89,20 +91,32 @@ def run_overhead(
         return GenerationRequest(prompt_ids=ids, max_new_tokens=max_new_tokens, rule="greedy", seed=1,
                                  stop_token_ids=stops)
 
-    rows: dict[str, list[dict]] = {"in-process": [], "standalone-grpc": []}
+    rows: dict[str, list[dict]] = {"in-process": [], "standalone-grpc": [], "standalone-http": []}
     engine.run(request(batch[0][:32]))  # warm-up
     service = GenerationService(engine.loop, lm.tokenizer, model_info_for(lm, ("ngram", "small")))
     server = _ServerThread(service, port)
+    import httpx2 as httpx
+
+    url = f"http://127.0.0.1:{server.server.http_port}/v1/completions"
     try:
-        with SpecServeClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+        with SpecServeClient(f"127.0.0.1:{server.port}", timeout=600) as client, httpx.Client(timeout=600) as http:
             client.generate(batch[0][:32], rule="greedy", max_new_tokens=4, seed=1)  # warm the channel
+            http.post(url, json={"prompt": batch[0][:32], "max_tokens": 4, "rule": "greedy", "seed": 1})
+            setups = ("in-process", "grpc", "http")
             for i, ids in enumerate(batch):
                 for rep in range(repeats):
-                    # alternate which setup goes first, so neither always meets a warmer machine
-                    first_local = (i + rep) % 2 == 0
-                    for setup in (("in-process", "grpc") if first_local else ("grpc", "in-process")):
+                    # rotate which setup goes first, so none always meets a warmer machine
+                    k = (i + rep) % len(setups)
+                    for setup in setups[k:] + setups[:k]:
                         t0 = time.perf_counter()
-                        if setup == "in-process":
+                        if setup == "http":
+                            body = http.post(url, json={"prompt": ids, "max_tokens": max_new_tokens, "rule": "greedy",
+                                                        "seed": 1, "stop_token_ids": list(stops)}).json()
+                            row = {"seconds": time.perf_counter() - t0,
+                                   "rounds": int(body["speculative_decoding"]["num_drafts"]),
+                                   "text": body["choices"][0]["text"]}
+                            rows["standalone-http"].append(row)
+                        elif setup == "in-process":
                             tokens, stats = engine.run(request(ids))
                             row = {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens}
                             rows["in-process"].append(row)
@@ -110,11 +124,12 @@ def run_overhead(
                             reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
                                                     stop_token_ids=stops)
                             row = {"seconds": time.perf_counter() - t0, "rounds": int(reply.stats.rounds),
-                                   "tokens": list(reply.token_ids)}
+                                   "tokens": list(reply.token_ids), "text": reply.text}
                             rows["standalone-grpc"].append(row)
-                    a, b = rows["in-process"][-1], rows["standalone-grpc"][-1]
+                    a, b, c = rows["in-process"][-1], rows["standalone-grpc"][-1], rows["standalone-http"][-1]
                     progress(f"overhead prompt {i}.{rep}: in-process {a['seconds'] / a['rounds'] * 1e3:.1f} "
-                             f"ms/round, gRPC {b['seconds'] / max(1, b['rounds']) * 1e3:.1f} ms/round")
+                             f"ms/round, gRPC {b['seconds'] / max(1, b['rounds']) * 1e3:.1f} ms/round, "
+                             f"HTTP {c['seconds'] / max(1, c['rounds']) * 1e3:.1f} ms/round")
     finally:
         server.close()
     if with_ray:
@@ -138,6 +153,8 @@ def summarize_overhead(result: dict) -> list[dict]:
         same = None
         if setup == "standalone-grpc":
             same = all(a["tokens"] == b["tokens"] for a, b in zip(runs, rows["in-process"]))
+        if setup == "standalone-http":  # the same text as gRPC's for the same greedy request
+            same = all(a["text"] == b["text"] for a, b in zip(runs, rows.get("standalone-grpc", [])))
         out.append({"setup": setup, "ms_per_round": med * 1e3, "overhead_ms_per_round": (med - local) * 1e3,
                     "ratio": med / local, "same_tokens": same})
     return out

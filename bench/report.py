@@ -159,6 +159,10 @@ def render(result: dict) -> str:
         from .batching import batching_report
 
         return batching_report(result)
+    if kind == "kernels":
+        from .kernels import kernels_report
+
+        return kernels_report(result)
     if kind == "round_cost":
         from .round_cost import round_cost_report
 

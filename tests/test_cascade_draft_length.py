@@ -135,3 +135,18 @@ def test_warm_up_outliers_do_not_set_the_costs():
         policy.record(5, 1, 0.0, seconds, tree_nodes=5)
     jump, node = policy.measured_costs()
     assert node == pytest.approx(0.01) and jump == pytest.approx(0.6 - 0.05)
+
+
+def test_unmeasured_deep_positions_inherit_the_shallow_rate():
+    """A policy that only ever drafted 3 deep still goes deeper when positions 1-3 are reliable:
+    position 4 has no data, so it takes position 3's estimate as its prior (not a pessimistic 0.5
+    that would keep every draft at 3 forever, since position 4 is never drafted and never measured)."""
+    policy = DraftLengthPolicy(16, node_cost=0.05, draft_cost_prior=0.15, measure_step_rounds=0, forget=1.0)
+    feed_iid(policy, 0.9, 400, 3)
+    assert policy.acceptance(4) == pytest.approx(policy.acceptance(3), abs=1e-9)
+    assert policy.acceptance(3) == pytest.approx(0.9, abs=0.04)
+    assert policy.next_length() > 3
+    # and a drafter that is bad at position 1 is not rescued by the prior
+    bad = DraftLengthPolicy(16, node_cost=0.05, draft_cost_prior=0.15, measure_step_rounds=0, forget=1.0)
+    feed_iid(bad, 0.1, 400, 3)
+    assert bad.next_length() == 0

@@ -72,9 +72,16 @@ class DraftLengthPolicy:
 
     # ---- estimates ------------------------------------------------------------
     def acceptance(self, position: int) -> float:
-        """Smoothed P(position accepted | previous positions accepted); position is 1-based."""
-        a = self.prior_accept * self.prior_weight
-        return (self.accepted[position - 1] + a) / (self.reached[position - 1] + self.prior_weight)
+        """Smoothed P(position accepted | previous positions accepted); position is 1-based.
+
+        The prior of position d > 1 is the estimate of position d - 1, not a fixed 0.5: a position
+        the policy has rarely drafted then inherits what the shallower ones show (acceptance barely
+        depends on depth), instead of a pessimistic constant that would keep drafts short forever
+        because deep positions are never drafted and so never measured."""
+        estimate = self.prior_accept
+        for d in range(1, position + 1):
+            estimate = (self.accepted[d - 1] + self.prior_weight * estimate) / (self.reached[d - 1] + self.prior_weight)
+        return estimate
 
     def expected_tokens(self, k: int) -> float:
         """Expected tokens per verifier step with k drafted positions (the +1 is the bonus/correction)."""

@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import TokenTree
+from .attention import NAME as ATTENTION  # registers the GQA-packing sdpa (models/attention.py)
 from .compute import on_compute
 from .packed_linear import pack_linear_layers
 from .quantize import quantize_model
@@ -70,7 +71,7 @@ class CausalLM:
         spec: str,
         dtype: str | torch.dtype = "auto",
         device: str = "cpu",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = ATTENTION,
         pack_weights: bool = True,
         quantize: str | None = None,
         name: str | None = None,

@@ -5,7 +5,8 @@
 Bodies follow OpenAI's: `messages` / `prompt`, `max_tokens` (or `max_completion_tokens`),
 `temperature`, `top_p`, `seed`, `stop` (string or list), `n` (1 only), `stream` with
 `stream_options.include_usage`; `top_k` and the speculative options of the gRPC request are
-extension fields: `rule`, `delta`, `drafters`, `draft_length`, `tree`. Every response carries the
+extension fields: `rule`, `delta`, `drafters`, `draft_length`, `tree` (and vLLM's
+`stop_token_ids`). Every response carries the
 request's speculative-decoding metrics in vLLM's vocabulary (`speculative_decoding`), and says
 when the rule is lossy.
 
@@ -86,6 +87,7 @@ class _Body(BaseModel):
     drafters: list[str] | None = None
     draft_length: int | None = None
     tree: list[int] | None = None
+    stop_token_ids: list[int] | None = None  # as vLLM's extension: ids that end generation besides eos
 
 
 class ChatMessage(BaseModel):
@@ -186,6 +188,8 @@ def to_generate_request(body: _Body, tokenizer, chat: bool) -> gen_pb.GenerateRe
         req.seed = body.seed
     if body.stop is not None:
         req.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
+    if body.stop_token_ids:
+        req.stop_token_ids.extend(body.stop_token_ids)
     return req
 
 

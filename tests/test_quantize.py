@@ -1,0 +1,99 @@
+"""Quantized drafters (models/quantize.py): spec parsing, every kernel against the fp32 layer it
+replaces, the lm_head included, and exactness: a quantized drafter changes speed, never the output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from specserve.engine import GenerationRequest, SpeculativeEngine
+from specserve.engine.factory import load_drafter_lm, make_local_drafters
+from specserve.engine.local import LocalVerifier
+from specserve.models.causal_lm import CausalLM
+from specserve.models.quantize import (
+    DynamicInt8Linear,
+    Int4Linear,
+    Int8WeightOnlyLinear,
+    quantize_model,
+    split_spec,
+)
+from specserve.sampling.params import SamplingParams
+
+from test_ray_app import save_tiny_model
+
+
+def test_split_spec():
+    assert split_spec("qwen2.5-coder-0.5b@int4") == ("qwen2.5-coder-0.5b", "int4")
+    assert split_spec("self@int8") == ("self", "int8")
+    assert split_spec("/models/x") == ("/models/x", None)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        split_spec("m@int3")
+    with pytest.raises(ValueError, match="a model must come before"):
+        split_spec("@int8")
+
+
+@pytest.mark.parametrize("cls,dtype,tol", [
+    (DynamicInt8Linear, torch.float32, 0.08),  # 7/8-bit activations x 8-bit weights
+    (Int8WeightOnlyLinear, torch.bfloat16, 0.03),
+    (Int4Linear, torch.float32, 0.15),  # 4-bit groupwise weights
+])
+def test_each_kernel_approximates_its_layer(cls, dtype, tol):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True).to(dtype)
+    x = torch.randn(5, 3, 128, dtype=dtype)
+    q = cls(linear, linear.weight, linear.bias)
+    with torch.inference_mode():
+        want, got = linear(x).float(), q(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    rel = (got.float() - want).norm() / want.norm()
+    assert rel < tol, rel
+    # a different weight gives a different answer (the layer really uses its own weights)
+    other = cls(linear, torch.randn_like(linear.weight), linear.bias)
+    with torch.inference_mode():
+        assert ((other(x).float() - want).norm() / want.norm()) > 0.5
+
+
+def test_int4_needs_whole_groups():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Int4Linear(nn.Linear(40, 8), torch.randn(8, 40), None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_keeps_its_predictions_and_lm_head(model_dir, scheme):
+    full = CausalLM.load(model_dir, dtype="float32", pack_weights=False)
+    quant = CausalLM.load(model_dir, dtype="float32", quantize=scheme)
+    assert scheme in quant.kernels
+    assert not any(type(m) is nn.Linear for m in quant.model.modules())  # lm_head included
+    assert quant.vocab_size == full.vocab_size
+    ids = [5, 17, 23, 42, 8, 5, 17, 23]
+    a, b = full.new_session(), quant.new_session()
+    a.sync(ids), b.sync(ids)
+    la, lb = a.next_logits(), b.next_logits()
+    assert torch.corrcoef(torch.stack([la, lb]))[0, 1] > 0.95
+
+
+def test_quantize_refuses_accelerators_and_unknown_schemes(model_dir):
+    lm = CausalLM.load(model_dir, dtype="float32", pack_weights=False)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_model(lm.model, "int2")
+
+
+@pytest.mark.parametrize("spec", ["self@int8", "self@int4"])
+def test_quantized_self_drafter_changes_speed_not_output(model_dir, spec):
+    verifier = CausalLM.load(model_dir, dtype="float32")
+    drafter_lm = load_drafter_lm(spec, verifier)
+    assert drafter_lm.model is not verifier.model and drafter_lm.name == spec
+    engine = SpeculativeEngine(LocalVerifier(verifier), make_local_drafters([spec], verifier))
+    prompt = [5, 17, 23, 42, 8, 5, 17, 23, 61, 3]
+    tokens, stats = engine.run(GenerationRequest(prompt_ids=prompt, max_new_tokens=32, rule="greedy",
+                                                 draft_length=4))
+    assert tokens == verifier.plain_generate(prompt, 32, SamplingParams(), stop_ids=())[: len(tokens)]
+    assert stats.drafted > 0 and stats.accepted > 0  # a quantized copy of the verifier agrees often
+    with pytest.raises(ValueError, match="needs a quantization"):
+        load_drafter_lm("self", verifier)
