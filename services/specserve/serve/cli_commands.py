@@ -74,10 +74,11 @@ def standalone_config(args: argparse.Namespace):
     from .grpc_server import ServerConfig
 
     data = ServerConfig.model_validate(yaml.safe_load(Path(args.config).read_text()) if args.config else {}).model_dump()
+    flag = lambda name: getattr(args, name, None)  # noqa: E731 - flags a caller's Namespace may lack
     for key, value in (("address", args.address), ("port", args.port), ("metrics_port", args.metrics_port),
-                       ("max_concurrent_requests", args.max_concurrent), ("http_port", args.http_port),
-                       ("api_key_file", args.api_key_file), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
-                       ("allow_unauthenticated", args.allow_unauthenticated or None)):
+                       ("max_concurrent_requests", args.max_concurrent), ("http_port", flag("http_port")),
+                       ("api_key_file", flag("api_key_file")), ("tls_cert", flag("tls_cert")),
+                       ("tls_key", flag("tls_key")), ("allow_unauthenticated", flag("allow_unauthenticated") or None)):
         if value is not None:
             data[key] = value
     for key, value in (("verifier", args.verifier), ("drafters", args.drafter), ("dtype", args.dtype)):

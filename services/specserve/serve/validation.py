@@ -35,7 +35,8 @@ class RequestLimits(BaseModel):
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
     default_rule: str = "sps"
-    default_draft_length: int = Field(16, ge=1)  # the maximum: the dynamic length picks per round
+    # a request's maximum depth when it names none (the dynamic length picks per round); None = max_draft_length
+    default_draft_length: int | None = Field(None, ge=1)
     max_draft_length: int = Field(16, ge=1)
     max_tree_nodes: int = Field(64, ge=1)  # draft nodes per round (sum over levels of the k-config products)
     max_stop_sequences: int = Field(16, ge=0)
@@ -49,7 +50,9 @@ class RequestLimits(BaseModel):
             raise ValueError(f"default_rule must be one of {RULES}, got {self.default_rule!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
-        if self.default_draft_length > self.max_draft_length:
+        if self.default_draft_length is None:
+            self.default_draft_length = self.max_draft_length
+        elif self.default_draft_length > self.max_draft_length:
             raise ValueError("default_draft_length must not exceed max_draft_length")
         return self
 
