@@ -64,7 +64,7 @@ def test_bad_argument_through_the_console_entry_point():
 def test_defaults_are_the_offline_embedded_setup():
     args = build_parser().parse_args(["generate", "hi"])
     assert args.verifier == "smollm2-135m"
-    assert args.drafter is None  # -> ngram + prompt-lookup
+    assert args.drafter is None  # -> ngram + suffix + prompt-lookup
     assert args.temperature == 0.0 and args.rule is None  # greedy
     assert args.tree is None and not args.plain
     assert build_parser().parse_args(["generate", "hi", "--tree", "4,2,2"]).tree == (4, 2, 2)

@@ -62,7 +62,7 @@ def greedy_run(lm, drafters, prompt, **options):
 
 def test_chain_ngram_drafters(lm, prompts, reference):
     for prompt, expected in zip(prompts, reference):
-        tokens, stats = greedy_run(lm, make_local_drafters(["ngram", "prompt-lookup"], lm), prompt)
+        tokens, stats = greedy_run(lm, make_local_drafters(["ngram", "suffix", "prompt-lookup"], lm), prompt)
         assert tokens == expected
         assert stats.generated == NEW_TOKENS
 

@@ -281,3 +281,36 @@ def test_tls_clients_work_and_plaintext_is_refused(certificate):
         assert tls_client.completions.create(model="m", prompt=PROMPT, max_tokens=3).choices[0].text
         with pytest.raises(httpx.HTTPError):
             httpx.post(f"http://localhost:{s.server.http_port}/v1/completions", json={"prompt": PROMPT}, timeout=5)
+
+
+def test_ray_router_checks_the_grpc_key_from_the_call_metadata():
+    """The Ray app's Router (Serve's gRPC proxy hands it the call's metadata) refuses a missing or
+    wrong key with UNAUTHENTICATED and lets a right one through."""
+    from types import SimpleNamespace
+
+    from specserve.serve.deployments import Router, _set_status, _unauthenticated
+
+    cls = Router.func_or_class
+    check = cls._authorized
+
+    class Ctx:
+        def __init__(self, metadata):
+            self.metadata, self.code = metadata, None
+
+        def invocation_metadata(self):
+            return self.metadata
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    keyed = SimpleNamespace(keys=APIKeys(["k"]))
+    assert check(keyed, Ctx([("authorization", "Bearer k"), ("application", "specserve")]))
+    assert not check(keyed, Ctx([("application", "specserve")]))
+    assert not check(keyed, Ctx([("authorization", "Bearer nope")]))
+    assert check(SimpleNamespace(keys=APIKeys()), Ctx([]))  # no key configured: open
+    ctx = Ctx([])
+    _set_status(ctx, _unauthenticated())
+    assert ctx.code == grpc.StatusCode.UNAUTHENTICATED

@@ -23,7 +23,7 @@ from pathlib import Path
 from .engine.types import LOSSY_RULES, RULES
 
 DEFAULT_VERIFIER = "smollm2-135m"
-DEFAULT_DRAFTERS = ("ngram", "prompt-lookup")
+DEFAULT_DRAFTERS = ("ngram", "suffix", "prompt-lookup")  # the model-free trio (BENCHMARKS.md section 1)
 
 RULE_HELP = (
     "acceptance rule: greedy (exact match), sps (lossless speculative sampling), rrs / rrs-wor / "

@@ -36,7 +36,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--verifier", default=None, help="verifier model: alias, local path or hub id (standalone)")
     p.add_argument(
         "--drafter", action="append", default=None,
-        help='drafter (repeatable): "ngram", "prompt-lookup", "early-exit:N" or a model sharing the tokenizer',
+        help='drafter (repeatable): "ngram", "prompt-lookup", "suffix", "early-exit:N", a model sharing the tokenizer, MODEL@int8',
     )
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None)
     p.add_argument("--max-concurrent", type=int, default=None, help="requests served at once; more get RESOURCE_EXHAUSTED")

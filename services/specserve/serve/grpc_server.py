@@ -36,9 +36,9 @@ SERVICE_NAME = gen_pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "sp
 
 class ModelsConfig(BaseModel):
     verifier: str = "smollm2-135m"  # alias (models/weights.py), local directory or hub id
-    # drafter specs: "ngram" (Max-Gram), "prompt-lookup", "early-exit:N" (the verifier's first N layers),
+    # drafter specs: "ngram" (Max-Gram), "prompt-lookup", "suffix", "early-exit:N" (the verifier's first N layers),
     # or another causal LM sharing the verifier's tokenizer
-    drafters: list[str] = Field(default_factory=lambda: ["ngram", "prompt-lookup"])
+    drafters: list[str] = Field(default_factory=lambda: ["ngram", "suffix", "prompt-lookup"])
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_sessions: int = Field(64, ge=1)
     draft_timeout_s: float | None = Field(None, gt=0)
