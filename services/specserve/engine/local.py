@@ -79,7 +79,7 @@ class LocalDrafter:
                 tree = self.drafter.propose_tree(call.committed, call.num_tokens, call.sampling, generator, **extra)
                 for proposals in tree.proposals.values():
                     for p in proposals:
-                        p.drafter = self.name
+                        p.drafter = self.name  # credited under this backend's name, like chains
             else:
                 proposal = self.drafter.propose(
                     call.committed, call.num_tokens, call.sampling, generator, **extra

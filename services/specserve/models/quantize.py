@@ -76,7 +76,24 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range).to(x.dtype)
 
 
-class Int8WeightOnlyLinear(nn.Module):
+class _Bf16PackedLinear(nn.Module):
+    """Shared by the packed weight-only kernels: they take 2-D bf16 activations, so inputs are
+    flattened and cast in, the bias added in bf16, and the result shaped and cast back."""
+
+    out_features: int
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8WeightOnlyLinear(_Bf16PackedLinear):
     """Weight-only int8 with bf16 activations (`aten._weight_int8pack_mm`)."""
 
     kernel = "int8 weight-only (aten._weight_int8pack_mm, bf16)"
@@ -90,15 +107,11 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_Bf16PackedLinear):
     """Groupwise asymmetric int4 weights, bf16 activations (`aten._weight_int4pack_mm_for_cpu`)."""
 
     kernel = "int4 weight-only (aten._weight_int4pack_mm_for_cpu, bf16)"
@@ -120,14 +133,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros
-        )
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP, self.scales_zeros)
 
 
 def layer_class(scheme: str, model_dtype: torch.dtype) -> type[nn.Module]:

@@ -71,8 +71,9 @@ class APIKeys:
 
 
 def is_loopback(address: str) -> bool:
-    if address in ("localhost", ""):
-        return address == "localhost"
+    """True for loopback addresses; "" and 0.0.0.0 mean every interface."""
+    if address == "localhost":
+        return True
     try:
         return ipaddress.ip_address(address.strip("[]")).is_loopback
     except ValueError:
