@@ -78,16 +78,21 @@ class DraftLengthPolicy:
         the policy has rarely drafted then inherits what the shallower ones show (acceptance barely
         depends on depth), instead of a pessimistic constant that would keep drafts short forever
         because deep positions are never drafted and so never measured."""
-        estimate = self.prior_accept
-        for d in range(1, position + 1):
+        return self.acceptance_rates(position)[-1] if position > 0 else self.prior_accept
+
+    def acceptance_rates(self, upto: int | None = None) -> list[float]:
+        """acceptance(d) for d = 1..upto (default max_length), in one pass."""
+        rates, estimate = [], self.prior_accept
+        for d in range(1, (self.max_length if upto is None else upto) + 1):
             estimate = (self.accepted[d - 1] + self.prior_weight * estimate) / (self.reached[d - 1] + self.prior_weight)
-        return estimate
+            rates.append(estimate)
+        return rates
 
     def expected_tokens(self, k: int) -> float:
         """Expected tokens per verifier step with k drafted positions (the +1 is the bonus/correction)."""
         total, survive = 1.0, 1.0
-        for d in range(1, k + 1):
-            survive *= self.acceptance(d)
+        for rate in self.acceptance_rates(k):
+            survive *= rate
             total += survive
         return total
 
@@ -114,18 +119,23 @@ class DraftLengthPolicy:
         """Drafting time per drafted position, in verifier steps: the median of recent rounds."""
         return statistics.median(self.draft_ratios) if self.draft_ratios else self.draft_cost_prior
 
-    def cost(self, k: int, nodes_per_position: float = 1.0) -> float:
+    def cost(self, k: int, nodes_per_position: float = 1.0, measured: tuple[float, float] | None | bool = False) -> float:
         if k == 0:
             return 1.0
-        measured = self.measured_costs()
+        if measured is False:  # not handed in by a caller that already has it
+            measured = self.measured_costs()
         jump, node = measured if measured is not None else (self.jump_cost, self.node_cost)
         return 1.0 + jump + k * (self.draft_cost + nodes_per_position * node)
 
     def best_length(self, nodes_per_position: float = 1.0) -> int:
         """argmax_k T(k) over 0..max_length (0 = plain decoding); ties go to the shorter draft."""
+        measured = self.measured_costs()
         best_k, best = 0, 1.0
-        for k in range(1, self.max_length + 1):
-            value = self.expected_tokens(k) / self.cost(k, nodes_per_position)
+        tokens, survive = 1.0, 1.0
+        for k, rate in enumerate(self.acceptance_rates(), start=1):
+            survive *= rate
+            tokens += survive
+            value = tokens / self.cost(k, nodes_per_position, measured)
             if value > best * (1 + 1e-9):
                 best_k, best = k, value
         return best_k

@@ -10,6 +10,7 @@ the ONE compute thread of models/compute.py (a second torch thread slows every f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import threading
 import time
@@ -25,8 +26,9 @@ from ..models.compute import run_async
 from ..sampling import ti_roots_lossy, verify_tree
 from ..sampling.params import process_logits
 from ..tree.token_tree import ROOT, TokenTree
+from .goodput import CallDemand, PassPlanner
 from .loop import TARGET_ROOT
-from .merge import accepted_by_drafter
+from .merge import accepted_by_drafter, merge_trees
 from .workers import DraftCall, DraftReply, VerifyCall, VerifyReply
 
 
@@ -97,12 +99,13 @@ class LocalVerifier:
 
     Concurrent calls are batched (max_batch_size > 1): calls that arrive while a pass runs form
     the next pass, and `verify_batch_sync` scores all their trees in one forward
-    (models/batched.py). Ray's Verifier deployment batches with `serve.batch` instead and calls
-    `verify_batch_sync` directly."""
+    (models/batched.py). Every clean pass is timed into `pass_costs`; a shared pass first gets the
+    goodput-maximising depth cap of engine/goodput.py (`goodput_caps=False` turns that off)."""
 
     name = "verifier"
 
-    def __init__(self, lm: CausalLM, max_sessions: int = 64, on_verified=None, max_batch_size: int = 1) -> None:
+    def __init__(self, lm: CausalLM, max_sessions: int = 64, on_verified=None, max_batch_size: int = 1,
+                 goodput_caps: bool = True) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.lm = lm
@@ -116,6 +119,37 @@ class LocalVerifier:
         )
         # calls per SHARED pass (2 or more; passes that ran one call alone are not recorded)
         self.shared_pass_sizes: list[int] = []
+        self.planner = PassPlanner()  # pass seconds by rows, and shared passes' caps (engine/goodput.py)
+        self.goodput_caps = goodput_caps
+        self.shared_pass_caps: list[int] = []  # the depth cap of each shared pass (-1 = none)
+
+    def _timed_pass(self, sessions: list, rows: int, run):
+        """Run one scoring pass and record its time by rows, unless it also prefilled (a prefill
+        is not what a decode pass of that many rows costs)."""
+        before = sum(s.forwards for s in sessions)
+        started = time.perf_counter()
+        out = run()
+        if sum(s.forwards for s in sessions) - before == len(sessions):
+            self.planner.costs.record(rows, time.perf_counter() - started)
+        return out
+
+    def _depth_cap(self, calls: list[VerifyCall]) -> int:
+        """The shared pass's depth cap (-1 = none), from what each call's policy wants."""
+        if not self.goodput_caps:
+            return -1
+        demands = []
+        for call in calls:
+            tree = call.tree
+            depth = tree.max_depth if len(tree) else 0
+            by_depth = [0] * depth
+            for d in tree.depths:
+                by_depth[d - 1] += 1
+            for d in range(1, depth):
+                by_depth[d] += by_depth[d - 1]
+            want = call.want_depth if call.want_depth >= 0 else depth
+            demands.append(CallDemand(want=want, rates=call.accept_rates, nodes_by_depth=by_depth,
+                                      nodes_per_position=len(tree) / depth if depth else 1.0))
+        return self.planner.depth_cap(demands)
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:
         started = time.perf_counter()
@@ -125,7 +159,10 @@ class LocalVerifier:
             plain_step = len(call.tree) == 0 and call.rule != "mcsd-ti"
             # a verifier-only round is exactly a plain decoding step (one forward, no tree
             # mask, the pending token folded into any prefill), so it never costs more
-            logits = session.next_logits()[None] if plain_step else session.score_tree(call.tree)
+            logits = self._timed_pass(
+                [session], len(call.tree) + 1,
+                (lambda: session.next_logits()[None]) if plain_step else (lambda: session.score_tree(call.tree)),
+            )
             if call.rule == "mcsd-ti":
                 return self._verify_ti(session, call, logits, process_logits(logits, call.sampling), started)
             return self._accept(session, call, logits, started, plain_step=plain_step)
@@ -146,8 +183,15 @@ class LocalVerifier:
                 batched.append(i)
         if len(batched) == 1:
             alone, batched = sorted(alone + batched), []
+        cap = -1
         if batched:
             started = time.perf_counter()
+            cap = self._depth_cap([calls[i] for i in batched])
+            if cap >= 0:  # cutting a draft is lossless: the verifier just sees fewer candidates
+                calls = list(calls)
+                for i in batched:
+                    if len(calls[i].tree) and calls[i].tree.max_depth > cap:
+                        calls[i] = dataclasses.replace(calls[i], tree=merge_trees([calls[i].tree], max_depth=cap))
             try:
                 with self._lock:
                     sessions = []
@@ -155,8 +199,11 @@ class LocalVerifier:
                         session = self.sessions.get(calls[i].session_id)
                         session.sync(calls[i].committed)
                         sessions.append(session)
-                    all_logits = score_trees(sessions, [calls[i].tree for i in batched])
+                    trees = [calls[i].tree for i in batched]
+                    rows = len(batched) * (1 + max(len(t) for t in trees))  # padded to the longest feed
+                    all_logits = self._timed_pass(sessions, rows, lambda: score_trees(sessions, trees))
                     self.shared_pass_sizes.append(len(batched))
+                    self.shared_pass_caps.append(cap)
                     for i, session, logits in zip(batched, sessions, all_logits):
                         try:
                             results[i] = self._accept(session, calls[i], logits, started, plain_step=False)
@@ -170,6 +217,9 @@ class LocalVerifier:
                 results[i] = self.verify_sync(calls[i])
             except Exception as exc:  # noqa: BLE001 - this call's error, returned to it
                 results[i] = exc
+        for i in batched:  # their trees were cut to the cap (also when re-verified alone)
+            if isinstance(results[i], VerifyReply):
+                results[i].depth_cap = cap
         return results  # type: ignore[return-value]
 
     def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:

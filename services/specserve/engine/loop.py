@@ -125,12 +125,16 @@ class DecodeLoop:
         generated = 0
         round_index = 0
         nodes_per_position = 1.0
+        depth_cap = -1  # the verifier's cap from the last round (-1 = none)
         while generated < request.max_new_tokens:
             started = time.perf_counter()
             remaining = request.max_new_tokens - generated
             # the correction/bonus token is free, so never draft past remaining - 1
             depth = policy.next_length(nodes_per_position) if policy else max_depth
             depth = min(depth, remaining - 1) if drafters else 0
+            want = depth  # told to the verifier, which caps shared passes (engine/goodput.py)
+            if depth_cap >= 0:  # the last shared pass's cap: drafting deeper would be cut anyway
+                depth = min(depth, depth_cap)
             if ti and roots is None:
                 depth = 0  # the first round only draws roots
             rseed = round_seed(seed, round_index)
@@ -189,6 +193,8 @@ class DecodeLoop:
                     rule_params=request.rule_params,
                     seed=rseed,
                     ti_width=ti_width,
+                    want_depth=want,
+                    accept_rates=tuple(policy.acceptance_rates(want)) if policy and want > 0 else (),
                 )
             )
             try:
@@ -209,6 +215,11 @@ class DecodeLoop:
                     raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")
                 roots = list(reply.next_roots)
             verify_seconds = time.perf_counter() - verify_started
+            depth_cap = reply.depth_cap
+            if depth_cap >= 0 and len(tree) and tree.max_depth > depth_cap:
+                # the verifier cut the tree to the shared pass's cap: account for what it verified
+                # (the same deterministic cut, so reply.path's node ids match)
+                tree = merge_trees([tree], max_depth=depth_cap)
 
             tokens = list(reply.tokens[:remaining])
             finish_reason = ""

@@ -53,6 +53,11 @@ class VerifyCall:
     rule_params: RuleParams
     seed: int  # already mixed with the round index
     ti_width: int = 0  # mcsd-ti: how many roots to draw for the next round (0 = other rules)
+    # what the request's draft-length policy would draft uncapped, and its per-position acceptance
+    # estimates: the verifier sets one depth cap per shared pass from these (engine/goodput.py).
+    # want_depth -1 = not said (the tree's own depth; acceptance then assumed at 0.5)
+    want_depth: int = -1
+    accept_rates: tuple[float, ...] = ()
 
 
 @dataclass
@@ -62,6 +67,9 @@ class VerifyReply:
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     next_roots: list[int] = field(default_factory=list)  # mcsd-ti: the next round's roots
+    # the depth cap of the shared pass this call ran in (its tree was cut to it; the next draft
+    # should be no deeper); -1 = no cap (the call had the pass to itself)
+    depth_cap: int = -1
 
 
 class DrafterBackend(Protocol):

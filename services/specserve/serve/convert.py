@@ -198,6 +198,8 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
         rule_params=int_pb.RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
         seed=call.seed,
         ti_width=call.ti_width,
+        want_depth=call.want_depth,
+        accept_rates=call.accept_rates,
     )
 
 
@@ -212,6 +214,8 @@ def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
         rule_params=RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
         seed=msg.seed,
         ti_width=msg.ti_width,
+        want_depth=msg.want_depth,
+        accept_rates=tuple(msg.accept_rates),
     )
 
 
@@ -222,6 +226,7 @@ def verify_reply_to_proto(reply: VerifyReply) -> int_pb.VerifyReply:
         accepted_by_drafter=reply.accepted_by_drafter,
         seconds=reply.seconds,
         next_roots=reply.next_roots,
+        depth_cap=reply.depth_cap,
     )
 
 
@@ -232,6 +237,7 @@ def verify_reply_from_proto(msg: int_pb.VerifyReply) -> VerifyReply:
         accepted_by_drafter=dict(msg.accepted_by_drafter),
         seconds=msg.seconds,
         next_roots=list(msg.next_roots),
+        depth_cap=msg.depth_cap,
     )
 
 

@@ -137,7 +137,7 @@ class DraftReply(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ..., drafter: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyCall(_message.Message):
-    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width")
+    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width", "want_depth", "accept_rates")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class VerifyCall(_message.Message):
     RULE_PARAMS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TI_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    WANT_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_RATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     tree: TokenTree
@@ -154,10 +156,12 @@ class VerifyCall(_message.Message):
     rule_params: RuleParams
     seed: int
     ti_width: int
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ...) -> None: ...
+    want_depth: int
+    accept_rates: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
-    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots")
+    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots", "depth_cap")
     class AcceptedByDrafterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -170,9 +174,11 @@ class VerifyReply(_message.Message):
     ACCEPTED_BY_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROOTS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_CAP_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     path: _containers.RepeatedScalarFieldContainer[int]
     accepted_by_drafter: _containers.ScalarMap[str, int]
     seconds: float
     next_roots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ...) -> None: ...
+    depth_cap: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ..., depth_cap: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,187 @@
+"""Speculation that never loses under load: one draft-depth cap per shared verifier pass.
+
+Alone, a request's own DraftLengthPolicy (cascade/draft_length.py) picks how deep to draft from
+its acceptance and its measured costs. Under load that view is wrong twice over: calls that share
+a pass are padded to the longest feed (models/batched.py), so one deep draft makes every call in
+the pass cost that many rows; and the rows that speculation adds are bought from a pass whose
+other rows are already paid for by plain tokens. vLLM configures this
+(`num_speculative_tokens_per_batch_size`), TensorRT-LLM too (`draft_len_schedule`); here the
+verifier measures it. It knows the pass it is about to run: the calls, each with the depth its
+policy wants and that policy's per-position acceptance estimates; and it has measured what a
+pass of R rows costs (PassCostModel). It picks the depth cap K of the pass that maximises the
+pass's expected goodput
+
+    G(K) = sum_i E_i(min(K, want_i)) / T(B * max_i (1 + nodes_i(K)))
+
+(E_i(k) = 1 + sum_{d<=k} prod_{j<=d} a_ij expected tokens, T the measured pass time, B calls),
+K = 0 (plain decoding of the whole batch) unless a deeper cap beats it, cuts every tree to depth
+K (cutting a draft is lossless: the verifier just sees fewer candidates) and tells each call the
+cap, so its next draft is no deeper. As the batch grows and rows stop being free, K shrinks to 0.
+An unmeasured shape is extrapolated pessimistically, so a batch that only ever ran plain passes
+would never learn that deeper ones are cheap (on a GPU they are): every `explore_every`-th shared
+pass, PassPlanner raises the cap by one when that reaches rows no pass has measured yet.
+Pure arithmetic, no I/O: engine/local.py's verifier feeds it what each pass measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+UNKNOWN_RATE = 0.5  # acceptance assumed for a call that sent no estimates (a static draft length)
+
+
+class PassCostModel:
+    """Measured seconds of a verifier pass as a function of the rows it computes (B x padded feed).
+
+    Rows are binned (exact up to 8, then powers of two apart) and each bin keeps the median of its
+    recent passes: medians, because first passes of a new shape and load spikes are outliers.
+    Between bins the time is interpolated, kept non-decreasing in rows; past the largest bin it is
+    extrapolated with the slope of the last two bins, or, with one bin only, as proportional to
+    rows: pessimistic, so an unmeasured shape is never assumed free."""
+
+    def __init__(self, window: int = 16) -> None:
+        self.window = window
+        self._bins: dict[int, deque] = {}
+        self._points: list[tuple[float, float]] | None = None  # cached until the next record
+
+    @staticmethod
+    def bin_of(rows: int) -> int:
+        if rows <= 8:
+            return max(rows, 1)
+        edge = 8
+        while edge * 2 <= rows:
+            edge *= 2
+        # two bins per octave: 8, 12, 16, 24, 32, 48, ...
+        return edge if rows < edge * 3 // 2 else edge * 3 // 2
+
+    def record(self, rows: int, seconds: float) -> None:
+        if rows < 1 or seconds <= 0:
+            return
+        times = self._bins.setdefault(self.bin_of(rows), deque(maxlen=self.window))
+        times.append((rows, seconds))
+        self._points = None
+
+    def points(self) -> list[tuple[float, float]]:
+        """(median rows, median seconds) per bin, by rows, made non-decreasing in seconds."""
+        if self._points is not None:
+            return self._points
+        out: list[tuple[float, float]] = []
+        for key in sorted(self._bins):
+            samples = self._bins[key]
+            rows = statistics.median(r for r, _ in samples)
+            seconds = statistics.median(s for _, s in samples)
+            out.append((rows, max(seconds, out[-1][1]) if out else seconds))
+        self._points = out
+        return out
+
+    def largest_rows(self) -> float:
+        pts = self.points()
+        return pts[-1][0] if pts else 0.0
+
+    def seconds(self, rows: int) -> float | None:
+        """Estimated seconds of a pass over `rows` rows; None before any pass was measured."""
+        pts = self.points()
+        if not pts:
+            return None
+        xs = [x for x, _ in pts]
+        if rows <= xs[0]:
+            return pts[0][1]
+        i = bisect.bisect_left(xs, rows)
+        if i < len(pts):
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+            return y0 + (y1 - y0) * (rows - x0) / (x1 - x0) if x1 > x0 else y1
+        if len(pts) == 1:
+            return pts[0][1] * rows / pts[0][0]
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        slope = (y1 - y0) / (x1 - x0) if x1 > x0 else 0.0
+        return y1 + max(slope, 0.0) * (rows - x1)
+
+
+@dataclass
+class CallDemand:
+    """What one call brings to a shared pass."""
+
+    want: int  # the depth its own policy would draft if nothing capped it
+    rates: Sequence[float] = ()  # its per-position acceptance estimates (position 1 first)
+    nodes_by_depth: Sequence[int] = ()  # tree nodes at depth <= d, d = 1..tree depth
+    nodes_per_position: float = 1.0  # for depths beyond the tree it sent (it was capped)
+
+    def expected_tokens(self, k: int) -> float:
+        total, survive = 1.0, 1.0
+        for d in range(1, min(k, self.want) + 1):
+            survive *= self.rates[d - 1] if d <= len(self.rates) else (self.rates[-1] if self.rates else UNKNOWN_RATE)
+            total += survive
+        return total
+
+    def feed(self, k: int) -> float:
+        """Rows this call feeds with its draft cut to depth k (1 = the pending token alone)."""
+        k = min(k, self.want)
+        if k <= 0:
+            return 1.0
+        have = len(self.nodes_by_depth)
+        if k <= have:
+            return 1.0 + self.nodes_by_depth[k - 1]
+        base = self.nodes_by_depth[-1] if have else 0
+        return 1.0 + base + (k - have) * max(self.nodes_per_position, 1.0)
+
+
+@dataclass
+class CapChoice:
+    cap: int  # deepest draft position the pass verifies (0 = plain decoding for the whole batch)
+    goodput: float  # expected tokens per second of the pass at that cap
+    plain_goodput: float
+    values: list[float] = field(default_factory=list)  # G(K) for K = 0..max want
+
+
+def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin: float = 0.02) -> CapChoice | None:
+    """The goodput-maximising depth cap of a pass shared by `demands`; None when the cost model has
+    no data yet (the calls are then verified as drafted). A cap K > 0 must beat plain decoding of
+    the batch by `margin`: noise in the cost model must not buy rows that do not pay."""
+    if not demands:
+        return None
+    batch = len(demands)
+    values: list[float] = []
+    for k in range(max(d.want for d in demands) + 1):
+        rows = batch * max(d.feed(k) for d in demands)
+        seconds = cost.seconds(int(round(rows)))
+        if seconds is None:
+            return None
+        values.append(sum(d.expected_tokens(k) for d in demands) / seconds)
+    best = 0
+    for k in range(1, len(values)):
+        if values[k] > values[best] * (1 + 1e-9) and values[k] > values[0] * (1 + margin):
+            best = k
+    return CapChoice(cap=best, goodput=values[best], plain_goodput=values[0], values=values)
+
+
+class PassPlanner:
+    """The verifier's side: its pass cost model, and the cap of each shared pass.
+
+    Exploration: a cap only limits drafts the calls already made, and calls draft no deeper than
+    the last cap they were told, so a batch held at cap K never shows what K + 1 costs. Every
+    `explore_every`-th shared pass whose K + 1 would reach rows no pass has measured, the pass
+    answers K + 1 (its calls draft one deeper) and the next pass lets that depth through once,
+    which measures it."""
+
+    def __init__(self, explore_every: int = 16) -> None:
+        self.costs = PassCostModel()
+        self.explore_every = explore_every
+        self.shared_passes = 0
+        self._let_through = -1  # the depth the next pass lets through (exploration), -1 = none
+
+    def depth_cap(self, demands: Sequence[CallDemand]) -> int:
+        """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
+        self.shared_passes += 1
+        choice = choose_depth_cap(demands, self.costs)
+        if choice is None:
+            return -1
+        cap, self._let_through = max(choice.cap, self._let_through), -1
+        if self.shared_passes % self.explore_every == 0 and cap < max(d.want for d in demands):
+            rows = len(demands) * max(d.feed(cap + 1) for d in demands)
+            if rows > self.costs.largest_rows():
+                cap = self._let_through = cap + 1
+        return cap

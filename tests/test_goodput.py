@@ -1,0 +1,252 @@
+"""The load policy (engine/goodput.py): one depth cap per shared verifier pass.
+
+* PassCostModel: binned medians, monotone interpolation, pessimistic extrapolation.
+* choose_depth_cap: deep where rows are free, 0 where they are not.
+* A deterministic fake-cost simulation of B streams in lockstep through the real per-request
+  DraftLengthPolicy and the real cap: speculative goodput never below plain batched decoding's
+  (by more than 3 %), for CPU-, compute-bound- and GPU-shaped pass costs; without the cap the
+  same simulation loses to plain (the test can fail).
+* The verifier (tiny fp32 model): trees are cut to the cap, replies carry it, and concurrent
+  greedy generations under caps still equal plain greedy token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from specserve.cascade.draft_length import DraftLengthPolicy
+from specserve.engine import GenerationRequest
+from specserve.engine.goodput import CallDemand, PassCostModel, PassPlanner, choose_depth_cap
+from specserve.engine.local import LocalDrafter, LocalVerifier
+from specserve.engine.loop import DecodeLoop
+from specserve.models.drafters import LMDrafter
+from specserve.models.ngram import PromptLookupDrafter
+from specserve.sampling.params import SamplingParams
+
+from test_engine import twin_lm, verifier_lm  # noqa: F401 - fixtures
+from test_models import random_ids
+from test_verify_batching import chain, greedy_call, lm  # noqa: F401 - fixture
+
+# pass seconds by rows, in units of a one-row step
+CURVES = {
+    "cpu-avx2": lambda rows: 1.0 + 0.08 * (rows - 1),  # measured here: 1 + 8 rows = 1.63 steps
+    "compute-bound": lambda rows: max(1.0, rows / 4),  # rows free up to 4, then linear
+    "gpu": lambda rows: 1.0 + 0.002 * rows,  # rows nearly free
+}
+
+
+def fitted(curve, rows=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> PassCostModel:
+    model = PassCostModel()
+    for r in rows:
+        model.record(r, curve(r))
+    return model
+
+
+class FixedCost(PassCostModel):
+    """A cost model that ignores measurements: the curve it is given is the truth."""
+
+    def __init__(self, curve) -> None:
+        super().__init__()
+        self.curve = curve
+
+    def record(self, rows: int, seconds: float) -> None:
+        pass
+
+    def seconds(self, rows: int) -> float:
+        return self.curve(rows)
+
+
+# ---- the cost model ---------------------------------------------------------------------------
+
+
+def test_pass_cost_model_interpolates_medians_and_stays_monotone():
+    model = PassCostModel()
+    assert model.seconds(4) is None
+    for seconds in (1.0, 1.1, 9.0):  # one outlier: the median ignores it
+        model.record(1, seconds)
+    model.record(8, 2.0)
+    assert model.seconds(1) == pytest.approx(1.1)
+    assert model.seconds(4) == pytest.approx(1.1 + (2.0 - 1.1) * 3 / 7)
+    model.record(5, 0.5)  # a faster bigger pass (noise) never makes rows cheaper than fewer rows
+    assert model.seconds(5) >= model.seconds(4) >= model.seconds(1)
+
+
+def test_pass_cost_model_extrapolates_pessimistically():
+    model = PassCostModel()
+    model.record(4, 2.0)
+    assert model.seconds(16) == pytest.approx(8.0)  # one bin: proportional to rows
+    model.record(8, 3.0)
+    assert model.seconds(16) == pytest.approx(3.0 + 0.25 * 8)  # the last segment's slope
+    assert model.seconds(1) == pytest.approx(2.0)
+
+
+def test_bins_are_exact_then_two_per_octave():
+    assert [PassCostModel.bin_of(r) for r in (1, 7, 8, 9, 12, 15, 16, 23, 24, 40, 100)] == [
+        1, 7, 8, 8, 12, 12, 16, 16, 24, 32, 96]
+
+
+# ---- the cap ------------------------------------------------------------------------------------
+
+
+def chain_demand(want: int, rate: float) -> CallDemand:
+    return CallDemand(want=want, rates=[rate] * want, nodes_by_depth=list(range(1, want + 1)))
+
+
+def test_cap_is_deep_where_rows_are_free_and_zero_where_they_are_not():
+    free = choose_depth_cap([chain_demand(8, 0.8)] * 8, fitted(CURVES["gpu"]))
+    assert free.cap == 8
+    dear = choose_depth_cap([chain_demand(8, 0.5)] * 8, fitted(CURVES["compute-bound"]))
+    assert dear.cap == 0 and dear.goodput == dear.plain_goodput
+
+
+def test_cap_shrinks_as_the_batch_grows():
+    costs = fitted(CURVES["cpu-avx2"])
+    caps = [choose_depth_cap([chain_demand(8, 0.5)] * b, costs).cap for b in (1, 2, 4, 8, 16)]
+    assert caps == sorted(caps, reverse=True) and caps[0] > 0 and caps[-1] == 0, caps
+
+
+def test_one_deep_draft_pays_for_the_padding_of_the_whole_batch():
+    """Seven plain calls and one request that copies text (acceptance 0.95): padding makes its
+    depth cost 8 rows per position, which pays on a GPU-shaped curve and not on a compute-bound one."""
+    demands = [CallDemand(want=0)] * 7 + [chain_demand(8, 0.95)]
+    assert choose_depth_cap(demands, fitted(CURVES["gpu"])).cap == 8
+    assert choose_depth_cap(demands, fitted(CURVES["compute-bound"])).cap == 0
+
+
+def test_no_cap_before_anything_was_measured():
+    assert choose_depth_cap([chain_demand(4, 0.9)] * 2, PassCostModel()) is None
+
+
+def test_a_call_that_said_nothing_is_assumed_at_half_acceptance():
+    said_nothing = CallDemand(want=3, nodes_by_depth=[1, 2, 3])
+    assert said_nothing.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert said_nothing.feed(5) == 4  # never deeper than it wants
+
+
+def test_a_capped_call_is_costed_as_if_it_drafted_what_it_wants():
+    capped = CallDemand(want=6, rates=[0.9] * 6, nodes_by_depth=[1, 2], nodes_per_position=1.0)
+    assert capped.feed(2) == 3 and capped.feed(6) == 7
+
+
+# ---- deterministic fake-cost simulation: never worse than plain -------------------------------
+
+
+def simulate(batch: int, alpha: float, curve, caps: bool = True, rounds: int = 400, seed: int = 0) -> float:
+    """Aggregate tokens per unit time of `batch` streams in lockstep (a saturated continuous
+    batcher: every round all streams share one pass). Each stream's draft is accepted position by
+    position with probability alpha; pass time is curve(rows), rows = batch x padded feed."""
+    rng = random.Random(seed)
+    policies = [DraftLengthPolicy(16) for _ in range(batch)]
+    planner = PassPlanner()
+    hints = [-1] * batch
+    tokens, clock = 0, 0.0
+    for _ in range(rounds):
+        wants = [p.next_length() for p in policies]
+        depths = [min(w, h) if h >= 0 else w for w, h in zip(wants, hints)]
+        cap = -1
+        if caps and batch > 1:
+            demands = [CallDemand(want=w, rates=[p.acceptance(d) for d in range(1, w + 1)],
+                                  nodes_by_depth=list(range(1, d + 1))) for w, d, p in zip(wants, depths, policies)]
+            cap = planner.depth_cap(demands)
+        verified = [min(d, cap) if cap >= 0 else d for d in depths]
+        rows = batch * (1 + max(verified))
+        seconds = curve(rows)
+        planner.costs.record(rows, seconds)
+        clock += seconds
+        for i, policy in enumerate(policies):
+            accepted = 0
+            while accepted < verified[i] and rng.random() < alpha:
+                accepted += 1
+            tokens += accepted + 1
+            policy.record(verified[i], accepted, 0.0, seconds, verified[i])
+            hints[i] = cap
+    return tokens / clock
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_speculation_under_load_never_loses_to_plain_batched_decoding(batch, alpha, curve):
+    plain = batch / CURVES[curve](batch)
+    speculative = simulate(batch, alpha, CURVES[curve])
+    assert speculative >= 0.97 * plain, (speculative, plain)
+
+
+def test_where_rows_are_free_speculation_still_pays_at_eight_streams():
+    assert simulate(8, 0.8, CURVES["gpu"]) >= 2.0 * 8 / CURVES["gpu"](8)
+
+
+def test_without_the_cap_speculation_loses_under_load():
+    """Negative control: the per-request policy alone (no cap) loses to plain at 8 streams on a
+    compute-bound curve, so the test above can fail."""
+    curve = CURVES["compute-bound"]
+    assert simulate(8, 0.5, curve, caps=False) < 0.9 * 8 / curve(8)
+
+
+# ---- the verifier -----------------------------------------------------------------------------
+
+
+def test_the_verifier_cuts_shared_passes_to_the_cap_and_says_so(lm):  # noqa: F811
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+    calls = []
+    for i in range(4):
+        call = greedy_call(f"s{i}", random_ids(6 + i, seed=i), chain(random_ids(6, seed=10 + i)))
+        call.want_depth, call.accept_rates = 6, (0.3,) * 6
+        calls.append(call)
+    replies = verifier.verify_batch_sync(calls)
+    assert [r.depth_cap for r in replies] == [0] * 4
+    assert all(r.path == [] and len(r.tokens) == 1 for r in replies)  # verified as plain steps
+    assert verifier.shared_pass_caps == [0]
+    alone = LocalVerifier(lm)
+    for call, reply in zip(calls, replies):  # the same token as a plain step of that session
+        assert reply.tokens == alone.verify_sync(greedy_call("a-" + call.session_id, call.committed, chain([]))).tokens
+
+    free = LocalVerifier(lm, max_batch_size=8)
+    free.planner.costs = FixedCost(CURVES["gpu"])
+    for call in calls:
+        call.accept_rates = (0.9,) * 6
+    assert [r.depth_cap for r in free.verify_batch_sync(calls)] == [6] * 4
+
+
+def test_a_lone_call_is_not_capped(lm):  # noqa: F811
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+    reply = verifier.verify_batch_sync([greedy_call("s", random_ids(5, seed=1), chain(random_ids(4, seed=2)))])[0]
+    assert reply.depth_cap == -1
+
+
+def test_the_verifier_times_its_passes_by_rows(lm):  # noqa: F811
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    calls = [greedy_call(f"s{i}", random_ids(5 + i, seed=i), chain(random_ids(2 + i, seed=9 + i))) for i in range(3)]
+    verifier.verify_batch_sync(calls)  # prefills: not timed
+    assert verifier.planner.costs.points() == []
+    for i, call in enumerate(calls):
+        call.committed = call.committed + [1]
+        call.tree = chain(random_ids(3, seed=30 + i))
+    verifier.verify_batch_sync(calls)
+    assert [rows for rows, _ in verifier.planner.costs.points()] == [3 * 4]
+
+
+@pytest.mark.parametrize("curve", ["compute-bound", "cpu-avx2"])
+def test_greedy_generations_under_caps_equal_plain_greedy(verifier_lm, twin_lm, curve):  # noqa: F811
+    prompts = [random_ids(6 + 3 * i, seed=60 + i) for i in range(4)]
+    expected = [verifier_lm.plain_generate(p, 24, SamplingParams()) for p in prompts]
+    verifier = LocalVerifier(verifier_lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES[curve])
+    loop = DecodeLoop(verifier, [LocalDrafter(LMDrafter(twin_lm, name="twin")), LocalDrafter(PromptLookupDrafter())])
+
+    async def main():
+        requests = [
+            GenerationRequest(prompt_ids=p, max_new_tokens=24, rule="greedy", draft_length=6, session_id=f"r{i}")
+            for i, p in enumerate(prompts)
+        ]
+        return await asyncio.gather(*(loop.generate(r) for r in requests))
+
+    results = asyncio.run(main())
+    for (tokens, _), want in zip(results, expected):
+        assert tokens == want
+    assert any(cap >= 0 for cap in verifier.shared_pass_caps)  # caps really were applied
