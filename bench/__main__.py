@@ -113,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--early-exit", type=int, default=8)
     _common(rc)
 
-    bp = sub.add_parser("batch", help="concurrent streams: verification batching off vs on")
+    bp = sub.add_parser("batch", help="concurrent streams: speculative (with / without the load policy) vs plain, batched")
     bp.add_argument("--model", default="smollm2-135m")
     bp.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    bp.add_argument("--streams", type=lambda s: tuple(int(x) for x in _names(s)), default=(2, 4, 8))
-    bp.add_argument("--drafters", type=_names, default=["ngram", "prompt-lookup"])
-    bp.add_argument("--draft-length", type=int, default=4)
+    bp.add_argument("--streams", type=lambda s: tuple(int(x) for x in _names(s)), default=(1, 2, 4, 8))
+    bp.add_argument("--drafters", type=_names, default=["ngram", "suffix", "prompt-lookup"])
+    bp.add_argument("--draft-length", type=int, default=16)
     _common(bp)
 
     rp = sub.add_parser("report", help="Markdown tables from a result JSON")

@@ -1,11 +1,12 @@
-"""Cross-request verification batching: aggregate throughput of C concurrent streams.
+"""Speculation under load: aggregate throughput of C concurrent streams, speculative vs plain.
 
 The same C requests (distinct Spec-Bench prompts, greedy) run concurrently through one decode
-loop and one verifier, twice: with batching off (each verify call is its own forward, calls
-queue on the model) and on (calls that arrive while a pass runs share the next one,
-models/batched.py). Both runs must decode the same tokens; the ratio is aggregate tokens/s.
-Plain decoding (draft_length 0) is measured the same way, because batching is what makes
-plain decoding of concurrent streams cheap too.
+loop and one batching verifier (calls that arrive while a pass runs share the next one,
+models/batched.py), three ways, in rotating order:
+  plain        draft length 0: batched plain decoding, the baseline;
+  spec-nocap   speculative, each request's own draft-length policy only;
+  spec         speculative with the verifier's per-pass goodput cap (engine/goodput.py).
+Every run must decode the same tokens (greedy); the ratios are aggregate tokens/s over plain's.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from specserve.models.causal_lm import CausalLM
 from .prompts import Prompt, encode_chat
 from .systems import stop_token_ids
 
+MODES = ("plain", "spec-nocap", "spec")
 
-def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, draft_length: int, batch: int, stops):
-    verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=batch)
-    loop = DecodeLoop(verifier, drafters)
+
+def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, mode: str, draft_length: int, stops, tag: str):
+    verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=max(len(prompt_ids), 1),
+                             goodput_caps=mode == "spec")
+    loop = DecodeLoop(verifier, drafters if mode != "plain" else [])
 
     async def all_streams():
         requests = [
             GenerationRequest(prompt_ids=ids, max_new_tokens=max_new, rule="greedy", draft_length=draft_length,
-                              session_id=f"stream-{i}-{batch}-{draft_length}", stop_token_ids=stops)
+                              session_id=f"stream-{i}-{mode}-{tag}", stop_token_ids=stops)
             for i, ids in enumerate(prompt_ids)
         ]
         return await asyncio.gather(*(loop.generate(r) for r in requests))
@@ -42,59 +46,70 @@ def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, draft_length: 
     results = asyncio.run(all_streams())
     seconds = time.perf_counter() - started
     tokens = [t for t, _ in results]
-    passes = verifier.shared_pass_sizes
+    caps = [c for c in verifier.shared_pass_caps if c >= 0]
     return {
         "seconds": seconds,
         "tokens": sum(len(t) for t in tokens),
         "tokens_per_s": sum(len(t) for t in tokens) / seconds,
         "rounds": sum(s.rounds for _, s in results),
-        "mean_batch": statistics.mean(passes) if passes else 1.0,
+        "tokens_per_step": sum(len(t) for t in tokens) / max(sum(s.rounds for _, s in results), 1),
+        "mean_batch": statistics.mean(verifier.shared_pass_sizes) if verifier.shared_pass_sizes else 1.0,
+        "mean_cap": statistics.mean(caps) if caps else None,
         "outputs": tokens,
     }
 
 
 def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], max_new_tokens: int,
-                 drafters: tuple[str, ...] = ("ngram", "prompt-lookup"), draft_length: int = 4,
-                 max_prompt_tokens: int = 1024, dtype: str = "float32", progress=print) -> dict:
+                 drafters: tuple[str, ...] = ("ngram", "suffix", "prompt-lookup"), draft_length: int = 16,
+                 max_prompt_tokens: int = 512, dtype: str = "float32", progress=print) -> dict:
     lm = CausalLM.load(model, dtype=dtype)
     stops = tuple(stop_token_ids(lm))
     local_drafters = make_local_drafters(list(drafters), lm)
     warm = encode_chat(lm.tokenizer, prompts[0].text, max_prompt_tokens)
-    _run(lm, local_drafters, [warm, warm[:-1]], 8, draft_length, 2, stops)  # first-pass costs, not timed
+    for mode in MODES:  # first-pass costs of every shape, not timed
+        _run(lm, local_drafters, [warm, warm[:-1]], 8, mode, draft_length, stops, "warm")
     rows = []
-    for count in streams:
+    for n, count in enumerate(streams):
         ids = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts[:count]]
         if len(ids) < count:
             raise ValueError(f"{count} streams need {count} prompts, got {len(ids)} (raise --per-category)")
-        for mode, length in (("speculative", draft_length), ("plain", 0)):
-            off = _run(lm, local_drafters, ids, max_new_tokens, length, 1, stops)
-            on = _run(lm, local_drafters, ids, max_new_tokens, length, count, stops)
-            row = {
-                "streams": count, "mode": mode,
-                "off_tokens_per_s": off["tokens_per_s"], "on_tokens_per_s": on["tokens_per_s"],
-                "ratio": on["tokens_per_s"] / off["tokens_per_s"], "mean_batch": on["mean_batch"],
-                "rounds": on["rounds"], "tokens": on["tokens"], "same_tokens": off["outputs"] == on["outputs"],
-            }
-            rows.append(row)
-            progress(f"{count} streams, {mode}: off {row['off_tokens_per_s']:.1f} tok/s, on "
-                     f"{row['on_tokens_per_s']:.1f} tok/s ({row['ratio']:.2f}x, calls per shared pass {row['mean_batch']:.1f}, "
-                     f"same tokens {row['same_tokens']})")
+        order = MODES[n % len(MODES):] + MODES[: n % len(MODES)]  # rotate the order
+        runs = {mode: _run(lm, local_drafters, ids, max_new_tokens, mode, draft_length, stops, str(count))
+                for mode in order}
+        plain = runs["plain"]
+        row = {"streams": count, "order": list(order)}
+        for mode, r in runs.items():
+            row[mode] = {k: v for k, v in r.items() if k != "outputs"}
+            row[mode]["ratio"] = r["tokens_per_s"] / plain["tokens_per_s"]
+        row["same_tokens"] = all(r["outputs"] == plain["outputs"] for r in runs.values())
+        rows.append(row)
+        progress(f"{count} streams: plain {plain['tokens_per_s']:.1f} tok/s, spec-nocap "
+                 f"{row['spec-nocap']['ratio']:.2f}x, spec (goodput cap) {row['spec']['ratio']:.2f}x "
+                 f"(mean cap {row['spec']['mean_cap']}), same tokens {row['same_tokens']}")
     return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
+                                         "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels,
                                          "threads": torch.get_num_threads()}, "rows": rows}
 
 
 def batching_report(result: dict) -> str:
     meta = result["meta"]
-    head = ["streams", "decoding", "batching off (tok/s)", "batching on (tok/s)", "ratio", "calls per shared pass", "same tokens"]
+    head = ["streams", "plain batched (tok/s)", "speculative, no cap (tok/s)", "speculative, goodput cap (tok/s)",
+            "tokens/step (cap)", "mean cap", "same tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
+        cap = r["spec"]["mean_cap"]
         lines.append("| " + " | ".join([
-            str(r["streams"]), r["mode"], f"{r['off_tokens_per_s']:.1f}", f"{r['on_tokens_per_s']:.1f}",
-            f"{r['ratio']:.2f}×", f"{r['mean_batch']:.1f}", "yes" if r["same_tokens"] else "NO"]) + " |")
+            str(r["streams"]), f"{r['plain']['tokens_per_s']:.1f}",
+            f"{r['spec-nocap']['tokens_per_s']:.1f} ({r['spec-nocap']['ratio']:.2f}×)",
+            f"{r['spec']['tokens_per_s']:.1f} (**{r['spec']['ratio']:.2f}×**)",
+            f"{r['spec']['tokens_per_step']:.2f}", "-" if cap is None else f"{cap:.1f}",
+            "yes" if r["same_tokens"] else "NO"]) + " |")
     lines.append("")
-    lines.append(f"_`{meta['model']}` ({meta['dtype']}), drafters {', '.join(meta['drafters'])}, greedy, draft length "
-                 f"{meta['draft_length']} (plain = draft length 0), max_new_tokens {meta['max_new_tokens']}, "
-                 f"{meta['threads']} torch threads; aggregate tokens/s of all streams, one prompt per stream; calls per "
-                 f"shared pass leaves out passes that ran one call alone (1.0 = none was shared)._")
+    lines.append(f"_`{meta['model']}` ({meta['dtype']}, kernels {meta.get('kernels', '?')}), drafters "
+                 f"{', '.join(meta['drafters'])}, greedy, max draft length {meta['draft_length']}, max_new_tokens "
+                 f"{meta['max_new_tokens']}, prompts cut to {meta.get('max_prompt_tokens', '?')} tokens, "
+                 f"{meta['threads']} torch threads; aggregate tokens/s of all streams, one prompt per stream, one "
+                 f"batching verifier; ratios over plain batched decoding of the same streams; mean cap = mean depth "
+                 f"cap of the shared passes (1 stream: never shared)._")
     return "\n".join(lines)

@@ -116,6 +116,14 @@ def test_one_deep_draft_pays_for_the_padding_of_the_whole_batch():
     assert choose_depth_cap(demands, fitted(CURVES["compute-bound"])).cap == 0
 
 
+def test_drafting_time_counts_against_depth():
+    """Free rows do not make a slow drafter pay: with 0.5 steps of drafting per position (an LM
+    drafter on the verifier's device) and acceptance 0.5, the cap is 0."""
+    slow = [CallDemand(want=8, rates=[0.5] * 8, nodes_by_depth=list(range(1, 9)), draft_seconds=0.5)] * 4
+    assert choose_depth_cap(slow, fitted(CURVES["gpu"])).cap == 0
+    assert choose_depth_cap([chain_demand(8, 0.5)] * 4, fitted(CURVES["gpu"])).cap > 0
+
+
 def test_no_cap_before_anything_was_measured():
     assert choose_depth_cap([chain_demand(4, 0.9)] * 2, PassCostModel()) is None
 

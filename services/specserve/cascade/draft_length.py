@@ -119,6 +119,10 @@ class DraftLengthPolicy:
         """Drafting time per drafted position, in verifier steps: the median of recent rounds."""
         return statistics.median(self.draft_ratios) if self.draft_ratios else self.draft_cost_prior
 
+    def draft_seconds_per_position(self) -> float:
+        """The drafting cost in seconds (what the verifier's load policy weighs, engine/goodput.py)."""
+        return self.draft_cost * statistics.median(self.step_times) if self.step_times else 0.0
+
     def cost(self, k: int, nodes_per_position: float = 1.0, measured: tuple[float, float] | None | bool = False) -> float:
         if k == 0:
             return 1.0

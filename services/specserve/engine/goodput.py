@@ -11,9 +11,10 @@ policy wants and that policy's per-position acceptance estimates; and it has mea
 pass of R rows costs (PassCostModel). It picks the depth cap K of the pass that maximises the
 pass's expected goodput
 
-    G(K) = sum_i E_i(min(K, want_i)) / T(B * max_i (1 + nodes_i(K)))
+    G(K) = sum_i E_i(min(K, want_i)) / (T(B * max_i (1 + nodes_i(K))) + sum_i min(K, want_i) s_i)
 
-(E_i(k) = 1 + sum_{d<=k} prod_{j<=d} a_ij expected tokens, T the measured pass time, B calls),
+(E_i(k) = 1 + sum_{d<=k} prod_{j<=d} a_ij expected tokens, T the measured pass time, B calls,
+s_i call i's drafting seconds per position),
 K = 0 (plain decoding of the whole batch) unless a deeper cap beats it, cuts every tree to depth
 K (cutting a draft is lossless: the verifier just sees fewer candidates) and tells each call the
 cap, so its next draft is no deeper. As the batch grows and rows stop being free, K shrinks to 0.
@@ -109,6 +110,9 @@ class CallDemand:
     rates: Sequence[float] = ()  # its per-position acceptance estimates (position 1 first)
     nodes_by_depth: Sequence[int] = ()  # tree nodes at depth <= d, d = 1..tree depth
     nodes_per_position: float = 1.0  # for depths beyond the tree it sent (it was capped)
+    # its drafting seconds per drafted position: counted as time the pass's batch waits, which is
+    # true where drafters share the verifier's device and conservative where they do not
+    draft_seconds: float = 0.0
 
     def expected_tokens(self, k: int) -> float:
         total, survive = 1.0, 1.0
@@ -150,6 +154,7 @@ def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin:
         seconds = cost.seconds(int(round(rows)))
         if seconds is None:
             return None
+        seconds += sum(min(k, d.want) * d.draft_seconds for d in demands)
         values.append(sum(d.expected_tokens(k) for d in demands) / seconds)
     best = 0
     for k in range(1, len(values)):

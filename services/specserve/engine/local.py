@@ -148,7 +148,8 @@ class LocalVerifier:
                 by_depth[d] += by_depth[d - 1]
             want = call.want_depth if call.want_depth >= 0 else depth
             demands.append(CallDemand(want=want, rates=call.accept_rates, nodes_by_depth=by_depth,
-                                      nodes_per_position=len(tree) / depth if depth else 1.0))
+                                      nodes_per_position=len(tree) / depth if depth else 1.0,
+                                      draft_seconds=call.draft_seconds))
         return self.planner.depth_cap(demands)
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:

@@ -195,6 +195,7 @@ class DecodeLoop:
                     ti_width=ti_width,
                     want_depth=want,
                     accept_rates=tuple(policy.acceptance_rates(want)) if policy and want > 0 else (),
+                    draft_seconds=policy.draft_seconds_per_position() if policy else 0.0,
                 )
             )
             try:

@@ -58,6 +58,7 @@ class VerifyCall:
     # want_depth -1 = not said (the tree's own depth; acceptance then assumed at 0.5)
     want_depth: int = -1
     accept_rates: tuple[float, ...] = ()
+    draft_seconds: float = 0.0  # the request's measured drafting seconds per drafted position
 
 
 @dataclass

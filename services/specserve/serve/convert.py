@@ -200,6 +200,7 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
         ti_width=call.ti_width,
         want_depth=call.want_depth,
         accept_rates=call.accept_rates,
+        draft_seconds=call.draft_seconds,
     )
 
 
@@ -216,6 +217,7 @@ def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
         ti_width=msg.ti_width,
         want_depth=msg.want_depth,
         accept_rates=tuple(msg.accept_rates),
+        draft_seconds=msg.draft_seconds,
     )
 
 

@@ -137,7 +137,7 @@ class DraftReply(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ..., drafter: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyCall(_message.Message):
-    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width", "want_depth", "accept_rates")
+    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width", "want_depth", "accept_rates", "draft_seconds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class VerifyCall(_message.Message):
     TI_WIDTH_FIELD_NUMBER: _ClassVar[int]
     WANT_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_RATES_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     tree: TokenTree
@@ -158,7 +159,8 @@ class VerifyCall(_message.Message):
     ti_width: int
     want_depth: int
     accept_rates: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ...) -> None: ...
+    draft_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
     __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots", "depth_cap")
