@@ -1,8 +1,9 @@
 """Speculation under load: aggregate throughput of C concurrent streams, speculative vs plain.
 
-The same C requests (distinct Spec-Bench prompts, greedy) run concurrently through one decode
-loop and one batching verifier (calls that arrive while a pass runs share the next one,
-models/batched.py), three ways, in rotating order:
+The same requests (distinct Spec-Bench prompts, greedy) run through one decode loop and one
+batching verifier (calls that arrive while a pass runs share the next one, models/batched.py) by
+C concurrent streams (a closed loop: each stream takes the next prompt when its request ends, so
+every level decodes the same prompts), three ways, in rotating order:
   plain        draft length 0: batched plain decoding, the baseline;
   spec-nocap   speculative, each request's own draft-length policy only;
   spec         speculative with the verifier's per-pass goodput cap (engine/goodput.py).
@@ -18,7 +19,7 @@ import time
 import torch
 
 from specserve.engine import GenerationRequest
-from specserve.engine.factory import make_local_drafters
+from specserve.engine.factory import is_statistical, make_local_drafters
 from specserve.engine.local import LocalVerifier
 from specserve.engine.loop import DecodeLoop
 from specserve.models.causal_lm import CausalLM
@@ -29,10 +30,11 @@ from .systems import stop_token_ids
 MODES = ("plain", "spec-nocap", "spec")
 
 
-def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, mode: str, draft_length: int, stops, tag: str):
-    verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=max(len(prompt_ids), 1),
+def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, mode: str, draft_length: int,
+         stops, tag: str):
+    verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=streams,
                              goodput_caps=mode == "spec")
-    loop = DecodeLoop(verifier, drafters if mode != "plain" else [])
+    loop = DecodeLoop(verifier, drafters() if mode != "plain" else [])
 
     async def all_streams():
         requests = [
@@ -40,7 +42,13 @@ def _run(lm, drafters, prompt_ids: list[list[int]], max_new: int, mode: str, dra
                               session_id=f"stream-{i}-{mode}-{tag}", stop_token_ids=stops)
             for i, ids in enumerate(prompt_ids)
         ]
-        return await asyncio.gather(*(loop.generate(r) for r in requests))
+        slots = asyncio.Semaphore(streams)
+
+        async def one(request):
+            async with slots:
+                return await loop.generate(request)
+
+        return await asyncio.gather(*(one(r) for r in requests))
 
     started = time.perf_counter()
     results = asyncio.run(all_streams())
@@ -64,17 +72,22 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
                  max_prompt_tokens: int = 512, dtype: str = "float32", progress=print) -> dict:
     lm = CausalLM.load(model, dtype=dtype)
     stops = tuple(stop_token_ids(lm))
-    local_drafters = make_local_drafters(list(drafters), lm)
+    # LM drafters load once (their caches are per session id); model-free ones are made anew per
+    # run, so a suffix drafter's global trie never holds another run's answer to the same prompt
+    loaded = {spec: make_local_drafters([spec], lm)[0] for spec in drafters if not is_statistical(spec)}
+
+    def local_drafters():
+        return [loaded[spec] if spec in loaded else make_local_drafters([spec], lm)[0] for spec in drafters]
     warm = encode_chat(lm.tokenizer, prompts[0].text, max_prompt_tokens)
     for mode in MODES:  # first-pass costs of every shape, not timed
-        _run(lm, local_drafters, [warm, warm[:-1]], 8, mode, draft_length, stops, "warm")
+        _run(lm, local_drafters, [warm, warm[:-1]], 2, 8, mode, draft_length, stops, "warm")
+    ids = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts]
+    if len(ids) < max(streams):
+        raise ValueError(f"{max(streams)} streams need {max(streams)} prompts, got {len(ids)} (raise --per-category)")
     rows = []
     for n, count in enumerate(streams):
-        ids = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts[:count]]
-        if len(ids) < count:
-            raise ValueError(f"{count} streams need {count} prompts, got {len(ids)} (raise --per-category)")
         order = MODES[n % len(MODES):] + MODES[: n % len(MODES)]  # rotate the order
-        runs = {mode: _run(lm, local_drafters, ids, max_new_tokens, mode, draft_length, stops, str(count))
+        runs = {mode: _run(lm, local_drafters, ids, count, max_new_tokens, mode, draft_length, stops, str(count))
                 for mode in order}
         plain = runs["plain"]
         row = {"streams": count, "order": list(order)}
@@ -88,7 +101,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
                  f"(mean cap {row['spec']['mean_cap']}), same tokens {row['same_tokens']}")
     return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
-                                         "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels,
+                                         "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels, "prompts": len(ids),
                                          "threads": torch.get_num_threads()}, "rows": rows}
 
 
@@ -109,7 +122,7 @@ def batching_report(result: dict) -> str:
     lines.append(f"_`{meta['model']}` ({meta['dtype']}, kernels {meta.get('kernels', '?')}), drafters "
                  f"{', '.join(meta['drafters'])}, greedy, max draft length {meta['draft_length']}, max_new_tokens "
                  f"{meta['max_new_tokens']}, prompts cut to {meta.get('max_prompt_tokens', '?')} tokens, "
-                 f"{meta['threads']} torch threads; aggregate tokens/s of all streams, one prompt per stream, one "
-                 f"batching verifier; ratios over plain batched decoding of the same streams; mean cap = mean depth "
+                 f"{meta['threads']} torch threads; {meta.get('prompts', '?')} prompts decoded by C concurrent streams "
+                 f"(closed loop), one batching verifier; aggregate tokens/s; ratios over plain batched decoding of the same streams; mean cap = mean depth "
                  f"cap of the shared passes (1 stream: never shared)._")
     return "\n".join(lines)

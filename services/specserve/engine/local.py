@@ -29,7 +29,7 @@ from ..tree.token_tree import ROOT, TokenTree
 from .goodput import CallDemand, PassPlanner
 from .loop import TARGET_ROOT
 from .merge import accepted_by_drafter, merge_trees
-from .workers import DraftCall, DraftReply, VerifyCall, VerifyReply
+from .workers import AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply
 
 
 def generator_for(seed: int, stream: str) -> torch.Generator:
@@ -49,6 +49,8 @@ class LocalDrafter:
         # drafters with per-session caches take the session id (keeps concurrent requests apart)
         self._session_kw = "session_id" in inspect.signature(drafter.propose).parameters
         self._tree_drafter = callable(getattr(drafter, "propose_tree", None))
+        # an LM drafter can build the next round ahead, for several outcomes (engine/ahead.py)
+        self.can_draft_ahead = callable(getattr(drafter, "propose_ahead", None))
         # where its work runs (models/compute.py): model-free drafters run no torch kernels, so
         # they take asyncio's thread pool and a hung one holds no core the verifier needs
         lm = getattr(drafter, "lm", None)
@@ -92,6 +94,23 @@ class LocalDrafter:
 
     async def draft(self, call: DraftCall) -> DraftReply:
         return await run_async(self.draft_sync, call, device=self.device)
+
+    def draft_ahead_sync(self, call: AheadCall) -> AheadReply:
+        started = time.perf_counter()
+        generator = generator_for(call.seed, f"ahead:{self.name}")
+        extra = {"session_id": call.session_id} if self._session_kw else {}
+        with self._lock:
+            units = self.drafter.propose_ahead(call.committed, call.chain, call.fanout, call.num_tokens,
+                                               call.sampling, generator, **extra)
+        out = []
+        for unit in units:
+            tree = TokenTree()
+            tree.add_sequence(unit.proposal.tokens, unit.proposal.probs, drafter=self.name)
+            out.append(AheadUnitTree(unit.accepted, unit.bonus, tree))
+        return AheadReply(stamp=call.stamp, units=out, drafter=self.name, seconds=time.perf_counter() - started)
+
+    async def draft_ahead(self, call: AheadCall) -> AheadReply:
+        return await run_async(self.draft_ahead_sync, call, device=self.device)
 
 
 class LocalVerifier:

@@ -8,12 +8,13 @@ Fault tolerance lives here: a drafter that raises or misses its deadline is drop
 round and the round goes on with the others; with no drafter left it is a verifier-only
 round (plain decoding, one token). Drafters change speed, never the output.
 
-Overlapped drafting (`overlap_drafting=True`, for drafters on their own devices): while the
-verifier checks a chain, the drafters already draft the next round from the committed text +
-the whole chain, i.e. betting on full acceptance, one token deeper than needed. If the chain is
-fully accepted and a drafter's first token equals the verifier's bonus token, the rest of that
-draft IS the next round's draft (drawn from the right context), so that round skips drafting.
-Otherwise it is dropped. Only the timing changes, never the output law.
+Drafting ahead (`ahead=`, for drafters on their own devices): while the verifier checks a round,
+a strategy of engine/ahead.py drafts the next one (the full-acceptance bet of
+`overlap_drafting=True`, or enumerate-and-select); the loop only starts it, takes what it has when
+the reply is in, and drafts as usual otherwise. Only the timing changes, never the output law.
+
+Under load the verifier caps the draft depth of each shared pass (engine/goodput.py); the loop
+tells it what its policy wants and drafts no deeper than the last cap.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 from ..cascade.draft_length import DraftLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
-from .merge import drafted_by_drafter, merge_trees, subtree_after
+from .ahead import AheadContext, DraftingAhead, make_strategy
+from .merge import drafted_by_drafter, merge_trees
 from .types import GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
 
@@ -64,6 +66,7 @@ class DecodeLoop:
         dynamic_length: bool = True,
         node_cost: float = 0.01,
         overlap_drafting: bool = False,
+        ahead: DraftingAhead | str | None = None,
     ) -> None:
         names = [d.name for d in drafters]
         if len(set(names)) != len(names):
@@ -74,6 +77,11 @@ class DecodeLoop:
         self.dynamic_length = dynamic_length
         self.node_cost = node_cost
         self.overlap_drafting = overlap_drafting
+        # how the next round is drafted during verification (engine/ahead.py); overlap_drafting is
+        # the full-acceptance bet's old name
+        if isinstance(ahead, str) or ahead is None:
+            ahead = make_strategy(ahead or ("full-acceptance" if overlap_drafting else None))
+        self.ahead = ahead
 
     def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
         if request.drafters is None:
@@ -122,10 +130,13 @@ class DecodeLoop:
         policy = DraftLengthPolicy(max_depth, node_cost=self.node_cost) if self.dynamic_length else None
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
+        ahead_strategy = self.ahead
+        ahead_missed = False  # the last build had nothing for this round
         generated = 0
         round_index = 0
         nodes_per_position = 1.0
         depth_cap = -1  # the verifier's cap from the last round (-1 = none)
+        last_verify_seconds = 0.0  # what drafting should fit under (drafters' scaling signal)
         while generated < request.max_new_tokens:
             started = time.perf_counter()
             remaining = request.max_new_tokens - generated
@@ -142,9 +153,11 @@ class DecodeLoop:
             trees: list[TokenTree] = []
             draft_seconds = 0.0
             drafted_ahead = depth > 0 and bool(ahead_trees)
-            if drafted_ahead:  # drafted during the last verification (overlap); cut to `depth` below
+            # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
+            round_drafters = ahead_strategy.fallback_drafters(drafters) if ahead_missed else drafters
+            if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
-            elif depth > 0:
+            elif depth > 0 and round_drafters:
                 call = DraftCall(
                     session_id=session_id,
                     committed=list(committed),
@@ -155,10 +168,11 @@ class DecodeLoop:
                     coupling=coupling,
                     roots=list(roots) if ti else None,
                     rule=request.rule,
+                    verify_window_s=last_verify_seconds,
                 )
-                trees = await self._draft_all(drafters, call)
+                trees = await self._draft_all(round_drafters, call)
                 draft_seconds = time.perf_counter() - started
-            ahead_trees = []
+            ahead_trees, ahead_missed = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
                 for root in roots:
@@ -167,20 +181,19 @@ class DecodeLoop:
             else:
                 tree = merge_trees(trees, max_depth=depth)
 
-            # overlap: bet on full acceptance of a chain and draft the next round meanwhile
-            ahead: asyncio.Task | None = None
-            if self.overlap_drafting and not ti and not request.tree_config and len(tree) and tree.is_chain():
-                ahead_depth = min(max_depth, remaining - len(tree) - 2)
-                if ahead_depth > 0:
-                    ahead = asyncio.ensure_future(self._draft_all(drafters, DraftCall(
-                        session_id=session_id,
-                        committed=[*committed, *tree.tokens],
-                        num_tokens=ahead_depth + 1,  # + the guess of the bonus token
-                        sampling=request.sampling,
-                        seed=round_seed(seed, (1 << 32) + round_index),  # its own RNG stream
-                        coupling=coupling,
-                        rule=request.rule,
-                    )))
+            # drafting ahead (engine/ahead.py): the next round's draft is made during verification
+            build = ahead_ctx = None
+            if ahead_strategy is not None and drafters and not ti and not request.tree_config:
+                next_depth = policy.best_length(nodes_per_position) if policy else max_depth
+                ahead_ctx = AheadContext(
+                    session_id=session_id, committed=list(committed), tree=tree, round_index=round_index,
+                    seed=round_seed(seed, (1 << 32) + round_index),  # its own RNG stream
+                    sampling=request.sampling, rule=request.rule, coupling=coupling,
+                    next_depth=min(next_depth, max_depth, remaining - (tree.max_depth if len(tree) else 0) - 2),
+                    accept_rates=policy.acceptance_rates() if policy else (),
+                    drafters=drafters, draft_all=self._draft_all,
+                )
+                build = ahead_strategy.start(ahead_ctx)
 
             verify_started = time.perf_counter()
             verify_call = self.verifier.verify(
@@ -201,22 +214,21 @@ class DecodeLoop:
             try:
                 reply = await verify_call
             except BaseException:
-                if ahead is not None:
-                    ahead.cancel()
+                if build is not None:
+                    build.task.cancel()  # a stale build never outlives its round
                 raise
-            if ahead is not None:
-                if len(reply.path) == len(tree) and len(reply.tokens) == len(tree) + 1:
-                    bonus = reply.tokens[-1]
-                    ahead_trees = [t for t in (subtree_after(x, bonus) for x in await ahead) if t is not None]
-                    ahead_trees = [t for t in ahead_trees if len(t)]
-                else:
-                    ahead.cancel()  # the bet lost: the next round drafts from the real text
+            ahead_status = ""
+            if build is not None:
+                outcome = await ahead_strategy.take(build, ahead_ctx, reply, time.perf_counter() - verify_started)
+                ahead_trees, ahead_status = outcome.trees, outcome.status
+                ahead_missed = not ahead_trees
             if ti:
                 if not reply.next_roots:
                     raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")
                 roots = list(reply.next_roots)
             verify_seconds = time.perf_counter() - verify_started
             depth_cap = reply.depth_cap
+            last_verify_seconds = verify_seconds
             if depth_cap >= 0 and len(tree) and tree.max_depth > depth_cap:
                 # the verifier cut the tree to the shared pass's cap: account for what it verified
                 # (the same deterministic cut, so reply.path's node ids match)
@@ -270,6 +282,7 @@ class DecodeLoop:
                 verify_seconds=verify_seconds,
                 drafted_depth=drafted_depth,
                 drafted_ahead=drafted_ahead,
+                ahead_status=ahead_status,
             )
             if stats is not None:
                 stats.add_round(result, time.perf_counter() - started)

@@ -48,6 +48,9 @@ class RoundResult:
     verify_seconds: float = 0.0
     drafted_depth: int = 0  # deepest draft node this round (0 = verifier-only round)
     drafted_ahead: bool = False  # its draft was made during the previous verification (overlap)
+    # what drafting ahead made of this round's verification: "hit" (the next draft is ready),
+    # "miss", "late", "stale", "failed"; "" = no build
+    ahead_status: str = ""
 
 
 @dataclass
@@ -64,6 +67,7 @@ class GenerationStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     rounds_drafted_ahead: int = 0  # rounds whose draft came from overlapped drafting
+    ahead_outcomes: dict[str, int] = field(default_factory=dict)  # ahead_status -> rounds
 
     def add_round(self, result: RoundResult, seconds: float = 0.0) -> None:
         """Fold one round in. Per-position counts: a round *offers* positions 1..drafted_depth and
@@ -88,6 +92,14 @@ class GenerationStats:
         self.draft_seconds += result.draft_seconds
         self.verify_seconds += result.verify_seconds
         self.rounds_drafted_ahead += int(result.drafted_ahead)
+        if result.ahead_status:
+            self.ahead_outcomes[result.ahead_status] = self.ahead_outcomes.get(result.ahead_status, 0) + 1
+
+    @property
+    def ahead_hit_rate(self) -> float:
+        """Builds whose outcome happened / builds (0 without drafting ahead)."""
+        builds = sum(self.ahead_outcomes.values())
+        return self.ahead_outcomes.get("hit", 0) / builds if builds else 0.0
 
     def acceptance_rate(self, drafter: str) -> float:
         """Accepted / proposed tokens of one drafter (0 when it proposed nothing)."""

@@ -34,6 +34,39 @@ class DraftCall:
     # the round's acceptance rule: drafters ignore it; a remote transport uses it to ship only
     # the draft rows the rule reads (none for greedy/tas, fp16 for lossy rules, else exact)
     rule: str = ""
+    # the request's last verification time (0 = none yet): drafting should fit under it; drafter
+    # deployments report draft time / this to their autoscaler (serve/autoscaling.py)
+    verify_window_s: float = 0.0
+
+
+@dataclass
+class AheadCall:
+    """Draft the next round for the likely outcomes of verifying `chain` (engine/ahead.py)."""
+
+    session_id: str
+    committed: list[int]  # the text before the round being verified
+    chain: list[int]  # the chain being verified
+    fanout: list[int]  # bonus-token guesses per accept length k = 0..len(chain)
+    num_tokens: int  # each guess continued this many tokens
+    sampling: SamplingParams
+    seed: int
+    stamp: str  # (session, committed length, generation): echoed, so a stale build is never used
+    rule: str = ""  # for the transport: which rows to ship (as DraftCall.rule)
+
+
+@dataclass
+class AheadUnitTree:
+    accepted: int  # k: the verifier accepts chain[:k] ...
+    bonus: int  # ... and its correction/bonus token is this
+    tree: TokenTree  # the next round's draft after that
+
+
+@dataclass
+class AheadReply:
+    stamp: str
+    units: list[AheadUnitTree]
+    drafter: str
+    seconds: float = 0.0
 
 
 @dataclass

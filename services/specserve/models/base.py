@@ -40,6 +40,17 @@ class DraftProposal:
     hidden: torch.Tensor | None = None
 
 
+@dataclass
+class AheadUnit:
+    """One outcome of a verification, drafted for before it is known (enumerate-and-select): if
+    the verifier accepts the first `accepted` chain tokens and its correction/bonus token is
+    `bonus`, `proposal` is the next round's draft, drawn from the right context."""
+
+    accepted: int
+    bonus: int
+    proposal: DraftProposal
+
+
 @runtime_checkable
 class Drafter(Protocol):
     name: str

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
-from ..tree.token_tree import TokenTree
+from ..tree.token_tree import ROOT, TokenTree
 from .attention import NAME as ATTENTION  # registers the GQA-packing sdpa (models/attention.py)
 from .compute import on_compute
 from .packed_linear import pack_linear_layers
@@ -222,6 +222,28 @@ class LMSession:
         positions_t = torch.tensor([positions], device=self.lm.device)
         logits, _ = self._forward(feed, positions_t, self._additive_mask(visible), all_logits=True)
         self.mark_scored(tree)
+        return logits
+
+    @torch.inference_mode()
+    def extend_scored(self, tree: TokenTree) -> torch.Tensor:
+        """After `score_tree(tree)` (or an earlier extend), `tree` grew: ONE forward over just its
+        new nodes, on top of the rows already in the cache; fp32 logits [new nodes, V]. How a
+        drafter decodes several branches at once without re-scoring the tree every step."""
+        scored = self._scored
+        if scored is None or scored.tree is not tree or tuple(tree.tokens[: len(scored.tree_tokens)]) != scored.tree_tokens:
+            raise ValueError("extend_scored needs the tree last scored on this session (only grown since)")
+        old, prefix = len(scored.tree_tokens), scored.prefix_len
+        new = range(old, len(tree))
+        visible = torch.zeros(len(new), prefix + 1 + len(tree), dtype=torch.bool)
+        visible[:, : prefix + 1] = True  # cached prefix + pending token
+        for row, node in enumerate(new):
+            j = node
+            while j != ROOT:  # the node itself and its ancestors
+                visible[row, prefix + 1 + j] = True
+                j = tree.parents[j]
+        positions = torch.tensor([[prefix + tree.depths[i] for i in new]], device=self.lm.device)
+        logits, _ = self._forward([tree.tokens[i] for i in new], positions, self._additive_mask(visible), all_logits=True)
+        self._scored = _Scored(tree, prefix, tuple(tree.tokens))
         return logits
 
     def tree_inputs(self, tree: TokenTree) -> tuple[list[int], list[int], torch.Tensor]:

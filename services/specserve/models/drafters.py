@@ -16,7 +16,7 @@ import torch
 from ..sampling.mcsd import DECISION_THRESHOLD, should_stop
 from ..sampling.params import SamplingParams, process_logits
 from ..tree.token_tree import ROOT, Coupling, TokenTree
-from .base import DraftProposal
+from .base import AheadUnit, DraftProposal
 from .causal_lm import CausalLM, SessionCache, sample_token, truncated_copy
 
 
@@ -120,6 +120,61 @@ class LMDrafter:
             drafter=self.name,
             hidden=torch.stack(hidden) if hidden else None,
         )
+
+    def propose_ahead(
+        self,
+        context: list[int],
+        chain: list[int],
+        fanout: list[int],
+        num_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        session_id: str = "",
+    ) -> list[AheadUnit]:
+        """Draft the next round for the likely outcomes of verifying `chain` after `context`
+        (engine/ahead.py): for each accept length k = 0..len(chain), the drafter's top
+        `fanout[k]` guesses of the bonus token (excluding chain[k], which would have been
+        accepted), each continued `num_tokens` tokens. All branches decode together: one forward
+        over the chain, then one per continuation step over every branch's frontier
+        (LMSession.extend_scored). Continuations are drawn from the processed law, rows kept."""
+        session = self.sessions.get(session_id)
+        session.sync(context)
+        tree = TokenTree()
+        tree.add_sequence(chain)
+        logits = session.score_tree(tree)  # row k: the law after context + chain[:k]
+        units: list[tuple[int, int, int]] = []  # (k, bonus, frontier node)
+        for k, width in enumerate(fanout[: len(chain) + 1]):
+            if width <= 0:
+                continue
+            row = logits[k].clone()
+            if k < len(chain):
+                row[chain[k]] = float("-inf")  # that token would have been accepted
+            for guess in torch.topk(row, min(width, row.shape[-1] - 1)).indices.tolist():
+                units.append((k, guess, tree.add_node(k - 1 if k > 0 else ROOT, guess)))
+        tokens: list[list[int]] = [[] for _ in units]
+        rows: list[list[torch.Tensor]] = [[] for _ in units]
+        for step in range(num_tokens if units else 0):
+            # one forward over every branch's newest node: its law gives the next token
+            new_logits = session.extend_scored(tree)
+            first_new = len(tree) - len(new_logits)
+            frontier = [node for _, _, node in units]
+            for u, node in enumerate(frontier):
+                row = new_logits[node - first_new]
+                if params.greedy:
+                    token = int(row.argmax())
+                else:
+                    probs = _fit_vocab(process_logits(row, params), self.target_vocab_size)
+                    token = sample_token(probs, generator)
+                    rows[u].append(probs)
+                tokens[u].append(token)
+                if step + 1 < num_tokens:  # the last token's law is not needed
+                    k, guess, _ = units[u]
+                    units[u] = (k, guess, tree.add_node(node, token))
+        out = []
+        for (k, guess, _), toks, rws in zip(units, tokens, rows):
+            probs = None if params.greedy else (torch.stack(rws) if rws else torch.empty(0, self.target_vocab_size or self.lm.vocab_size))
+            out.append(AheadUnit(k, guess, DraftProposal(tokens=toks, probs=probs, drafter=self.name)))
+        return out
 
     def draft_tree(
         self,

@@ -160,6 +160,7 @@ def draft_call_to_proto(call: DraftCall, row_encoding: int = int_pb.ROW_ENCODING
         row_encoding=row_encoding,
         roots=list(call.roots or ()),
         has_roots=call.roots is not None,
+        verify_window_s=call.verify_window_s,
     )
 
 
@@ -174,6 +175,7 @@ def draft_call_from_proto(msg: int_pb.DraftCall) -> DraftCall:
         tree_config=tuple(msg.tree_config) or None,
         coupling=_COUPLING_FROM_PB[msg.coupling],
         roots=list(msg.roots) if msg.has_roots else None,
+        verify_window_s=msg.verify_window_s,
     )
 
 

@@ -70,13 +70,24 @@ class _DrafterReplica:
     def __init__(self, settings: dict) -> None:
         from ..engine.local import LocalDrafter
 
+        from .autoscaling import DraftLoadMeter
+
         self.settings = AppSettings.model_validate(settings)
         self.worker = LocalDrafter(build_drafter(self.kind, self.settings.models), name=self.kind)
+        self.meter = DraftLoadMeter(window_s=self.settings.deployment(self.kind).autoscaling.look_back_period_s)
 
     async def draft(self, payload: bytes) -> bytes:
         msg = int_pb.DraftCall.FromString(payload)
-        reply = await self.worker.draft(convert.draft_call_from_proto(msg))
+        token = self.meter.start()
+        try:
+            reply = await self.worker.draft(convert.draft_call_from_proto(msg))
+        finally:
+            self.meter.finish(token, msg.verify_window_s)
         return convert.draft_reply_to_proto(reply, msg.row_encoding).SerializeToString()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: what DrafterLoadPolicy scales on."""
+        return self.meter.stats()
 
 
 @serve.deployment(name=DEPLOYMENT_NAMES["ngram"])

@@ -47,6 +47,11 @@ class AutoscalingSettings(_Strict):
     # field deprecated in favour of env vars but 2.60 still honours it, and tests need it short.
     metrics_interval_s: float | None = Field(None, gt=0)
     look_back_period_s: float = Field(10.0, gt=0)
+    # what it scales on (serve/autoscaling.py): Serve's ongoing-request count, or, for drafters,
+    # their measured drafting load (busy time + queue, drafts that do not fit under verification)
+    policy: Literal["ongoing-requests", "drafting-load"] = "ongoing-requests"
+    target_utilization: float = Field(0.6, gt=0, le=1)  # drafting-load: busy fraction aimed for
+    max_draft_over_verify: float = Field(1.0, gt=0)  # drafting-load: draft time / verify time allowed
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":
@@ -75,7 +80,8 @@ def _drafter_defaults() -> DeploymentSettings:
     # Drafters are cheap and their load follows the request rate: let them scale out.
     return DeploymentSettings(
         max_ongoing_requests=16,
-        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=4),
+        autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=4,
+                                        policy="drafting-load"),
     )
 
 
@@ -189,6 +195,9 @@ class AppSettings(_Strict):
     def _unique_drafters(self) -> "AppSettings":
         if len(set(self.drafters)) != len(self.drafters):
             raise ValueError(f"drafters must not repeat: {self.drafters}")
+        for role in ("verifier", "router"):  # only drafter replicas publish drafting load
+            if self.deployment(role).autoscaling.policy != "ongoing-requests":
+                raise ValueError(f"{role}.autoscaling.policy: only drafters scale on drafting-load")
         return self
 
     def deployment(self, role: str) -> DeploymentSettings:

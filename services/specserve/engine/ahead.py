@@ -1,0 +1,238 @@
+"""Drafting ahead: the next round's draft is made while the verifier checks this one.
+
+It pays only where drafters and verifier run on different devices (their own nodes, or at least
+their own cores); on one shared CPU it takes cycles the verifier needs. One interface, two
+strategies; the decode loop calls `start` as it sends a verify call and `take` when the reply is
+in, and drafts the next round itself (with `fallback_drafters`) when `take` has nothing:
+
+* FullAcceptanceBet (`overlap_drafting=True`): the drafters draft from the committed text + the
+  whole chain, one token deeper, betting that everything is accepted; the draft is kept only if
+  it was and the drafter's first token is the verifier's bonus token. Hit rate ~alpha^(k+1).
+* EnumerateAndSelect (SSD/Saguaro, SGLang's decoupled drafting): one LM drafter builds the next
+  round for the LIKELY OUTCOMES of this verification: for each accept length k = 0..K its top-F_k
+  guesses of the bonus token (never chain[k], which would have been accepted), each continued as
+  one batched tree decode (LMDrafter.propose_ahead). The fan-out follows the measured acceptance:
+  F_k proportional to P(k* = k)^(1/(1+r)), at least one unit for full acceptance. When the reply
+  (k*, bonus) arrives the matching unit is the next draft at once; on a miss (or a stale, late or
+  failed build) the next round drafts with the model-free drafters only, never waiting for the
+  LM drafter and never using a draft made for another context.
+
+Lossless: a unit is a proposal drawn from the drafter's law given exactly the text the verifier
+committed (its stamp and its (k, bonus) key say which), with its rows, so every acceptance rule
+treats it as any other draft. Only the timing changes, never the output law.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..sampling.params import SamplingParams
+from ..tree.token_tree import ROOT, Coupling, TokenTree
+from .merge import subtree_after
+from .workers import AheadCall, DraftCall, DrafterBackend, VerifyReply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AheadContext:
+    """What a strategy knows when the round's verify call goes out."""
+
+    session_id: str
+    committed: list[int]  # the text before this round
+    tree: TokenTree  # what the verifier checks now
+    round_index: int
+    seed: int  # already mixed for drafting ahead (its own RNG stream)
+    sampling: SamplingParams
+    rule: str
+    coupling: Coupling
+    next_depth: int  # how deep the next round would draft
+    accept_rates: Sequence[float]  # the policy's per-position acceptance estimates
+    drafters: Sequence[DrafterBackend]
+    draft_all: Callable[[Sequence[DrafterBackend], DraftCall], Awaitable[list[TokenTree]]]
+
+    @property
+    def stamp(self) -> str:
+        """(session, committed length, generation): a build answers exactly one round."""
+        return f"{self.session_id}:{len(self.committed)}:{self.round_index}"
+
+
+@dataclass
+class AheadBuild:
+    task: asyncio.Task
+    stamp: str
+    chain_nodes: list[int] = field(default_factory=list)  # the enumerated chain's node ids in ctx.tree
+
+
+@dataclass
+class AheadOutcome:
+    trees: list[TokenTree]  # the next round's drafts; empty = draft as usual
+    status: str  # "hit" | "miss" | "late" | "stale" | "failed"
+
+
+class DraftingAhead(Protocol):
+    name: str
+
+    def start(self, ctx: AheadContext) -> AheadBuild | None: ...
+
+    async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
+                   verify_seconds: float) -> AheadOutcome: ...
+
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]: ...
+
+
+def _cancel(task: asyncio.Task) -> None:
+    task.cancel()  # a no-op once done
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+class FullAcceptanceBet:
+    """Bet on full acceptance of a chain (module doc)."""
+
+    name = "full-acceptance"
+
+    def start(self, ctx: AheadContext) -> AheadBuild | None:
+        tree = ctx.tree
+        if not len(tree) or not tree.is_chain() or ctx.next_depth <= 0:
+            return None
+        call = DraftCall(
+            session_id=ctx.session_id,
+            committed=[*ctx.committed, *tree.tokens],
+            num_tokens=ctx.next_depth + 1,  # + the guess of the bonus token
+            sampling=ctx.sampling,
+            seed=ctx.seed,
+            coupling=ctx.coupling,
+            rule=ctx.rule,
+        )
+        return AheadBuild(asyncio.ensure_future(ctx.draft_all(ctx.drafters, call)), ctx.stamp)
+
+    async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
+                   verify_seconds: float) -> AheadOutcome:
+        if len(reply.path) != len(ctx.tree) or len(reply.tokens) != len(ctx.tree) + 1:
+            _cancel(build.task)  # the bet lost: the next round drafts from the real text
+            return AheadOutcome([], "miss")
+        bonus = reply.tokens[-1]
+        trees = [t for t in (subtree_after(x, bonus) for x in await build.task) if t is not None and len(t)]
+        return AheadOutcome(trees, "hit" if trees else "miss")
+
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+        return list(drafters)
+
+
+def allocate_fanout(accept_rates: Sequence[float], chain_length: int, units: int, r: float = 1.0) -> list[int]:
+    """Units per accept length k = 0..chain_length: proportional to P(k* = k)^(1/(1+r)) (largest
+    remainders), where P(k* = k) = prod_{j<=k} a_j (1 - a_{k+1}) and P(k* = K) = prod a_j; full
+    acceptance always gets at least one unit (its bonus is the drafter's own next token)."""
+    if units <= 0:
+        return [0] * (chain_length + 1)
+    rates = [accept_rates[j] if j < len(accept_rates) else (accept_rates[-1] if accept_rates else 0.5)
+             for j in range(chain_length)]
+    probs, survive = [], 1.0
+    for k in range(chain_length + 1):
+        probs.append(survive * (1 - rates[k]) if k < chain_length else survive)
+        if k < chain_length:
+            survive *= rates[k]
+    weights = [max(p, 1e-6) ** (1 / (1 + r)) for p in probs]
+    budget = units - 1  # one is reserved for full acceptance
+    shares = [budget * w / sum(weights) for w in weights]
+    fanout = [math.floor(s) for s in shares]
+    for k in sorted(range(len(shares)), key=lambda k: shares[k] - fanout[k], reverse=True)[: budget - sum(fanout)]:
+        fanout[k] += 1
+    fanout[-1] += 1
+    return fanout
+
+
+def _first_chain(tree: TokenTree) -> list[int]:
+    """Node ids of the tree's first branch, root to leaf (the whole tree when it is a chain)."""
+    nodes, parent = [], ROOT
+    while True:
+        children = tree.children(parent)
+        if not children:
+            return nodes
+        parent = children[0]
+        nodes.append(parent)
+
+
+class EnumerateAndSelect:
+    """Enumerate the verifier's likely outcomes, draft for each, select the one that happened
+    (module doc). `units`: branches built per round (the batched decode's width); `r`: how
+    strongly the fan-out favours likely accept lengths (0 = proportional); `max_wait_fraction`:
+    how long after the verify reply a build still in progress may take, as a fraction of the
+    verification time, before the round goes on without it."""
+
+    name = "enumerate-select"
+
+    def __init__(self, units: int = 8, r: float = 1.0, max_wait_fraction: float = 0.25) -> None:
+        self.units = units
+        self.r = r
+        self.max_wait_fraction = max_wait_fraction
+
+    @staticmethod
+    def builder(drafters: Sequence[DrafterBackend]) -> DrafterBackend | None:
+        return next((d for d in drafters if getattr(d, "can_draft_ahead", False)), None)
+
+    def start(self, ctx: AheadContext) -> AheadBuild | None:
+        builder = self.builder(ctx.drafters)
+        if builder is None or ctx.next_depth <= 0:
+            return None
+        nodes = _first_chain(ctx.tree)
+        chain = [ctx.tree.tokens[n] for n in nodes]
+        call = AheadCall(
+            session_id=ctx.session_id,
+            committed=list(ctx.committed),
+            chain=chain,
+            fanout=allocate_fanout(ctx.accept_rates, len(chain), self.units, self.r),
+            num_tokens=ctx.next_depth,
+            sampling=ctx.sampling,
+            seed=ctx.seed,
+            stamp=ctx.stamp,
+            rule=ctx.rule,
+        )
+        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes)
+
+    async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
+                   verify_seconds: float) -> AheadOutcome:
+        accepted = len(reply.path)
+        if reply.path != build.chain_nodes[:accepted] or len(reply.tokens) != accepted + 1:
+            _cancel(build.task)  # accepted another branch than the enumerated chain
+            return AheadOutcome([], "miss")
+        bonus = reply.tokens[-1]
+        if not build.task.done():  # a little late is still worth it; much later is not
+            await asyncio.wait({build.task}, timeout=self.max_wait_fraction * verify_seconds)
+            if not build.task.done():
+                _cancel(build.task)
+                return AheadOutcome([], "late")
+        if build.task.cancelled() or build.task.exception() is not None:
+            if not build.task.cancelled():
+                log.warning("drafting ahead failed (this round drafts without it): %r", build.task.exception())
+            return AheadOutcome([], "failed")
+        result = build.task.result()
+        if result.stamp != build.stamp:  # never a draft made for another round's text
+            return AheadOutcome([], "stale")
+        for unit in result.units:
+            if unit.accepted == accepted and unit.bonus == bonus and len(unit.tree):
+                return AheadOutcome([unit.tree], "hit")
+        return AheadOutcome([], "miss")
+
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+        """After a miss: the drafters that answer at once (everything but the LM builder)."""
+        builder = self.builder(drafters)
+        return [d for d in drafters if d is not builder]
+
+
+STRATEGIES = {"full-acceptance": FullAcceptanceBet, "enumerate-select": EnumerateAndSelect}
+
+
+def make_strategy(name: str | None) -> DraftingAhead | None:
+    """A strategy by name ("full-acceptance", "enumerate-select"; None or "" = no drafting ahead)."""
+    if not name:
+        return None
+    if name not in STRATEGIES:
+        raise ValueError(f"drafting ahead: unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
+    return STRATEGIES[name]()

@@ -1,0 +1,250 @@
+"""Enumerate-and-select drafting ahead (engine/ahead.py) in one process, tiny fp32 models:
+
+* the batched branch decode (LMSession.extend_scored, LMDrafter.propose_ahead) gives each unit
+  exactly the draft the drafter would make from that unit's real context (tokens and laws);
+* the fan-out follows the acceptance estimates;
+* greedy generation equals plain greedy token for token, and units really are used;
+* a stale build (another round's stamp) never reaches verification; a builder that fails or is
+  late costs speed only;
+* SpS with units keeps the verifier's law (a chi-square test on an exactly computed marginal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from specserve.engine import GenerationRequest, SpeculativeEngine
+from specserve.engine.ahead import EnumerateAndSelect, allocate_fanout, make_strategy
+from specserve.engine.local import LocalDrafter, LocalVerifier
+from specserve.engine.workers import AheadReply, AheadUnitTree
+from specserve.models.causal_lm import CausalLM
+from specserve.models.drafters import LMDrafter
+from specserve.models.ngram import PromptLookupDrafter
+from specserve.sampling.params import SamplingParams, process_logits
+from specserve.tree.token_tree import ROOT, TokenTree
+
+from test_engine import PROMPT, VOCAB, plain, twin_lm, verifier_lm  # noqa: F401 - fixtures
+from test_engine_overlap import RecordingVerifier
+
+
+def test_extend_scored_equals_scoring_the_whole_tree(verifier_lm):  # noqa: F811
+    tree = TokenTree()
+    tree.add_sequence([3, 9, 4])
+    first = verifier_lm.new_session()
+    first.sync(PROMPT)
+    first.score_tree(tree)
+    tree.add_node(ROOT, 7)
+    tree.add_node(1, 11)
+    grown = first.extend_scored(tree)
+    tree.add_node(4, 2)
+    grown_again = first.extend_scored(tree)
+    whole = verifier_lm.new_session()
+    whole.sync(PROMPT)
+    rows = whole.score_tree(tree)
+    torch.testing.assert_close(grown, rows[4:6], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grown_again, rows[6:7], rtol=1e-4, atol=1e-5)
+
+
+def test_extend_scored_refuses_a_tree_it_did_not_score(verifier_lm):  # noqa: F811
+    session = verifier_lm.new_session()
+    session.sync(PROMPT)
+    with pytest.raises(ValueError, match="extend_scored"):
+        session.extend_scored(TokenTree())
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.7)], ids=["greedy", "t0.7"])
+def test_each_unit_is_the_draft_of_its_real_context(twin_lm, sampling):  # noqa: F811
+    drafter = LMDrafter(twin_lm, name="twin")
+    chain = [4, 19, 33]
+    units = drafter.propose_ahead(PROMPT, chain, [2, 1, 1, 3], 4, sampling, torch.Generator().manual_seed(1),
+                                  session_id="s")
+    assert [u.accepted for u in units] == [0, 0, 1, 2, 3, 3, 3]
+    for u in units:
+        if u.accepted < len(chain):
+            assert u.bonus != chain[u.accepted]  # the token that would have been accepted is no guess
+        context = PROMPT + chain[: u.accepted] + [u.bonus]
+        assert len(u.proposal.tokens) == 4
+        session = twin_lm.new_session()
+        for i, token in enumerate(u.proposal.tokens):
+            session.sync(context + u.proposal.tokens[:i])
+            logits = session.next_logits()
+            if sampling.greedy:
+                assert token == int(logits.argmax())
+            else:
+                torch.testing.assert_close(u.proposal.probs[i], process_logits(logits, sampling), rtol=1e-4, atol=1e-6)
+    # the guesses at each accept length are the drafter's most likely other tokens
+    session = twin_lm.new_session()
+    session.sync(PROMPT + chain[:1])
+    row = session.next_logits().clone()
+    row[chain[1]] = float("-inf")
+    assert [u.bonus for u in units if u.accepted == 1] == [int(row.argmax())]
+
+
+def test_fanout_follows_the_acceptance_and_always_covers_full_acceptance():
+    assert sum(allocate_fanout([0.9] * 4, 4, 8)) == 8
+    high = allocate_fanout([0.95] * 4, 4, 8)
+    low = allocate_fanout([0.2] * 4, 4, 8)
+    assert high[-1] > low[-1] >= 1 and low[0] > high[0]
+    assert allocate_fanout([0.5], 0, 4) == [4]  # an empty chain: every unit guesses the next token
+    assert allocate_fanout([0.5] * 2, 2, 0) == [0, 0, 0]
+
+
+def engine_with(verifier, twin_lm, **kw):  # noqa: F811
+    """Drafter and verifier share this process's one compute thread, so a build only starts after
+    the verification it runs "under": the strategy waits for it (a separate device would not)."""
+    drafters = [LocalDrafter(LMDrafter(twin_lm, name="twin")), LocalDrafter(PromptLookupDrafter())]
+    return SpeculativeEngine(verifier, drafters, ahead=EnumerateAndSelect(max_wait_fraction=1e6), **kw)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_enumerate_and_select_greedy_equals_plain_greedy(verifier_lm, twin_lm, dynamic):  # noqa: F811
+    engine = engine_with(LocalVerifier(verifier_lm), twin_lm, dynamic_length=dynamic)
+    tokens, stats = engine.run(GenerationRequest(prompt_ids=PROMPT, max_new_tokens=48, rule="greedy", draft_length=4))
+    assert tokens == plain(verifier_lm, 48)
+    assert stats.ahead_outcomes.get("hit", 0) > 0 and stats.rounds_drafted_ahead > 0
+
+
+def test_units_are_what_the_verifier_sees_after_a_hit(verifier_lm, twin_lm):  # noqa: F811
+    verifier = RecordingVerifier(verifier_lm)
+    engine = engine_with(verifier, twin_lm, dynamic_length=False)
+    results = list(engine.generate(GenerationRequest(prompt_ids=PROMPT, max_new_tokens=40, rule="greedy",
+                                                     draft_length=3)))
+    hits = [i for i, r in enumerate(results) if r.drafted_ahead]
+    assert hits
+    for i in hits:  # the twin's greedy chain from exactly the committed text
+        committed, tree = verifier.calls[i]
+        session = twin_lm.new_session()
+        for node in range(len(tree)):
+            session.sync(committed + [tree.tokens[n] for n in tree.path_to(node)[:-1]])
+            assert tree.tokens[node] == int(session.next_logits().argmax())
+
+
+class FakeBuilder:
+    """A drafter backend that builds ahead badly on purpose."""
+
+    name = "fake"
+    can_draft_ahead = True
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.builds = 0
+
+    async def draft(self, call):
+        raise RuntimeError("the fake only drafts ahead")
+
+    async def draft_ahead(self, call):
+        self.builds += 1
+        if self.mode == "fail":
+            raise RuntimeError("killed mid-build")
+        if self.mode == "late":
+            await asyncio.sleep(5)
+        # every outcome covered, with a marker draft that must never be verified
+        units = []
+        for k in range(len(call.chain) + 1):
+            for bonus in range(VOCAB):
+                tree = TokenTree()
+                tree.add_sequence([VOCAB - 1] * max(call.num_tokens, 1), drafter="fake")
+                units.append(AheadUnitTree(k, bonus, tree))
+        return AheadReply(stamp="someone:else:0" if self.mode == "stale" else call.stamp, units=units, drafter="fake")
+
+
+@pytest.mark.parametrize("mode", ["stale", "fail", "late"])
+def test_stale_failed_and_late_builds_cost_speed_only(verifier_lm, mode):  # noqa: F811
+    builder = FakeBuilder(mode)
+    verifier = RecordingVerifier(verifier_lm)
+    strategy = EnumerateAndSelect(max_wait_fraction=0.0)
+    engine = SpeculativeEngine(verifier, [builder, LocalDrafter(PromptLookupDrafter())], ahead=strategy,
+                               dynamic_length=False)
+    tokens, stats = engine.run(GenerationRequest(prompt_ids=PROMPT, max_new_tokens=24, rule="greedy", draft_length=3))
+    assert tokens == plain(verifier_lm, 24)
+    assert builder.builds > 0
+    assert stats.ahead_outcomes.get("hit", 0) == 0
+    assert set(stats.ahead_outcomes) <= {{"stale": "stale", "fail": "failed", "late": "late"}[mode], "miss"}
+    assert not any(p.drafter == "fake" for _, tree in verifier.calls for ps in tree.proposals.values() for p in ps)
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="enumerate-select"):
+        make_strategy("guess")
+
+
+def exact_marginal(lm, prompt: list[int], position: int, sampling: SamplingParams) -> torch.Tensor:
+    """The verifier's law of the token at `position` (1-based) after `prompt`, summed exactly over
+    every prefix (V^(position-1) of them, scored in one batch per step)."""
+    prefixes, weights = [list(prompt)], torch.ones(1)
+    for step in range(position):
+        ids = torch.tensor(prefixes)
+        with torch.inference_mode():
+            logits = lm.model(input_ids=ids).logits[:, -1].float()
+        probs = process_logits(logits, sampling)
+        if step == position - 1:
+            return (weights[:, None] * probs).sum(0)
+        joint = (weights[:, None] * probs).flatten()
+        keep = joint > 1e-9  # drop prefixes that cannot matter
+        index = keep.nonzero().flatten()
+        prefixes = [prefixes[i // VOCAB] + [int(i % VOCAB)] for i in index.tolist()]
+        weights = joint[index]
+    raise AssertionError("unreachable")
+
+
+def cousin_of(lm, noise: float = 0.05):
+    """A drafter that is like the verifier but clearly not it (its law differs measurably)."""
+    model = copy.deepcopy(lm.model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=generator))
+    return CausalLM(model, tokenizer=None, name="cousin")
+
+
+class UniformRowsClaimed(EnumerateAndSelect):
+    """Broken on purpose: a unit's tokens keep their law but claim a uniform one."""
+
+    async def take(self, build, ctx, reply, verify_seconds):
+        outcome = await super().take(build, ctx, reply, verify_seconds)
+        for tree in outcome.trees:
+            for proposals in tree.proposals.values():
+                for p in proposals:
+                    p.draft_probs = torch.full_like(p.draft_probs, 1.0 / p.draft_probs.numel())
+        return outcome
+
+
+def third_token_p_value(verifier_lm, drafter_lm, strategy, runs: int) -> tuple[float, int]:  # noqa: F811
+    """Token 3 is drafted by a unit whenever round 1's build hit: chi-square of its empirical
+    marginal against the verifier's, computed exactly over all prefixes."""
+    sampling = SamplingParams(temperature=0.2)
+    prompt = PROMPT[:6]
+    engine = SpeculativeEngine(LocalVerifier(verifier_lm), [LocalDrafter(LMDrafter(drafter_lm, name="cousin"))],
+                               ahead=strategy, dynamic_length=False)
+    counts = torch.zeros(VOCAB)
+    hits = 0
+    for seed in range(runs):
+        results = list(engine.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=4, rule="sps",
+                                                         sampling=sampling, draft_length=1, seed=seed)))
+        tokens = [t for r in results for t in r.tokens]
+        counts[tokens[2]] += 1
+        hits += sum(r.drafted_ahead for r in results)
+    expected = exact_marginal(verifier_lm, prompt, 3, sampling) * counts.sum()
+    big = expected >= 5
+    observed, wanted = counts[big].clone().double(), expected[big].clone().double()
+    observed[-1] += counts[~big].sum()  # the rare tokens pooled into one cell
+    wanted[-1] += expected[~big].sum()
+    p = scipy_stats.chisquare(observed.numpy(), wanted.numpy() * observed.sum().item() / wanted.sum().item()).pvalue
+    return float(p), hits
+
+
+@pytest.mark.slow
+def test_sps_with_enumerate_and_select_keeps_the_verifiers_law(verifier_lm):  # noqa: F811
+    """The tiny random models' laws are flat, so the build is wide (48 units) to hit often; the
+    negative control (rows that lie about the unit's law) shows the test can fail."""
+    drafter = cousin_of(verifier_lm)
+    p, hits = third_token_p_value(verifier_lm, drafter, EnumerateAndSelect(units=48, max_wait_fraction=1e6), 1000)
+    assert hits > 250  # units really drafted those tokens
+    assert p > 1e-3, p
+    p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(units=48, max_wait_fraction=1e6), 1000)
+    assert p_broken < 1e-3, p_broken
