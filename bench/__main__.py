@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--draft-length", type=int, default=16)
     _common(bp)
 
+    ap = sub.add_parser("ahead", help="drafting ahead on separate (pinned) cores: plain, sync, full-acceptance, enumerate-select")
+    ap.add_argument("--verifier", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--drafter", default="qwen2.5-coder-0.5b@int8")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the two compute lanes to their own CPUs")
+    ap.add_argument("--units", type=int, default=8, help="enumerate-select: branches built per round")
+    _common(ap)
+
     rp = sub.add_parser("report", help="Markdown tables from a result JSON")
     rp.add_argument("result")
     rp.add_argument("--into", default=None)
@@ -202,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         result = run_batching(args.model, prompts, args.streams, args.max_new_tokens, tuple(args.drafters),
                               args.draft_length, args.max_prompt_tokens, args.dtype, progress=log)
         _finish(args, result, f"batching_{args.model.replace('/', '_')}")
+        return 0
+    if args.command == "ahead":
+        from .ahead import run_ahead
+
+        result = run_ahead(args.verifier, args.drafter, prompts, args.max_new_tokens, args.max_prompt_tokens,
+                           pin=not args.no_pin, units=args.units, progress=log)
+        _finish(args, result, f"ahead_{args.verifier.replace('/', '_')}")
         return 0
     if args.command == "overhead":
         from .overhead import run_overhead

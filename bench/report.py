@@ -155,6 +155,10 @@ def render(result: dict) -> str:
         return quality_report(result)
     if kind == "overhead":
         return overhead_report(result)
+    if kind == "ahead":
+        from .ahead import ahead_report
+
+        return ahead_report(result)
     if kind == "batching":
         from .batching import batching_report
 

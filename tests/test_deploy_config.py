@@ -91,9 +91,11 @@ def test_settings_reject_unknown_and_inconsistent_fields():
 
 @pytest.mark.parametrize(
     "overrides, expected",
-    [({"profile": "cpu"}, False), ({"profile": "gpu"}, True),
-     ({"profile": "gpu", "overlap_drafting": False}, False), ({"profile": "cpu", "overlap_drafting": True}, True)],
+    [({"profile": "cpu"}, None), ({"profile": "gpu"}, "full-acceptance"),
+     ({"profile": "gpu", "overlap_drafting": False}, None), ({"profile": "cpu", "overlap_drafting": True}, "full-acceptance"),
+     ({"profile": "cpu", "drafting_ahead": "enumerate-select"}, "enumerate-select"),
+     ({"profile": "gpu", "drafting_ahead": "none"}, None)],
 )
-def test_overlapped_drafting_defaults_on_for_gpu_only(overrides, expected):
+def test_drafting_ahead_defaults_on_for_gpu_only(overrides, expected):
     # on one CPU the drafters would compete with the verifier for the same cores
-    assert AppSettings.model_validate(overrides).overlap is expected
+    assert AppSettings.model_validate(overrides).ahead == expected

@@ -270,3 +270,17 @@ def test_remote_drafter_asks_only_for_the_rows_the_rule_reads(rule, encoding):
 def test_engine_request_type_is_what_the_router_speaks():
     # the router hands the service's GenerationRequest to the engine loop unchanged
     assert GenerationRequest(prompt_ids=[1]).session_id == ""
+
+
+def test_local_app_enumerate_and_select_equals_plain_greedy(tiny_model_dir, plain_greedy):
+    """Drafting ahead through the remote backends: the medium drafter deployment builds units
+    (draft_ahead), the router selects; greedy output is plain greedy output."""
+    # one process, one compute thread: a build runs after the verification it hides behind, so
+    # the router waits for it (ahead_max_wait) instead of drafting without it
+    handle = serve.run(build_app(tiny_settings(tiny_model_dir, drafters=["ngram", "medium"], ahead_max_wait=1e6,
+                                               drafting_ahead="enumerate-select", name="ahead")),
+                       _local_testing_mode=True)
+    reply = handle.Generate.remote(token_request()).result()
+    assert list(reply.token_ids) == plain_greedy[: len(reply.token_ids)]
+    # the medium drafter is the verifier's own model: every build holds what happened
+    assert reply.stats.drafting_ahead["hit"] > 0

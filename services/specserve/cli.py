@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
     g.add_argument("--draft-length", type=non_negative_int, default=16, help="maximum draft depth per round (the dynamic length drafts as deep as pays, often less)")
     g.add_argument("--fixed-length", action="store_true", help="always draft --draft-length (no dynamic draft length)")
-    g.add_argument("--overlap", action="store_true",
-                   help="draft the next round while the verifier checks this one (pays when drafters have "
+    g.add_argument("--ahead", choices=["none", "full-acceptance", "enumerate-select"], default=None,
+                   help="draft the next round while the verifier checks this one (engine/ahead.py): bet on full "
+                        "acceptance, or draft for every likely outcome with the LM drafter (pays when drafters have "
                         "their own device; on a shared CPU they compete for the cores)")
+    g.add_argument("--overlap", action="store_true", help="the same as --ahead full-acceptance")
     g.add_argument("--tree", type=tree_config, default=None, metavar="K1,K2,...", help="MCSD k-config tree from each LM drafter, e.g. 4,2,2 (lossless with sps/rrs/rrs-wor/spechub); "
                    "with --rule mcsd-ti (LOSSY) one number: the root width W (default 2)")
     g.add_argument("--decision-model", type=existing_file, default=None, metavar="FILE",
@@ -295,8 +297,9 @@ def run_generate(args: argparse.Namespace) -> int:
         drafters = make_local_drafters(specs, lm)
     if args.decision_model:
         attach_decision_model(args.decision_model, [d.drafter for d in drafters])
+    ahead = args.ahead or ("full-acceptance" if args.overlap else "none")
     engine = SpeculativeEngine(LocalVerifier(lm), drafters, dynamic_length=not args.fixed_length,
-                               overlap_drafting=args.overlap)
+                               ahead=None if ahead == "none" else ahead)
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=args.max_new_tokens,

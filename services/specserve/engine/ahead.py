@@ -229,10 +229,11 @@ class EnumerateAndSelect:
 STRATEGIES = {"full-acceptance": FullAcceptanceBet, "enumerate-select": EnumerateAndSelect}
 
 
-def make_strategy(name: str | None) -> DraftingAhead | None:
-    """A strategy by name ("full-acceptance", "enumerate-select"; None or "" = no drafting ahead)."""
+def make_strategy(name: str | None, **options) -> DraftingAhead | None:
+    """A strategy by name ("full-acceptance", "enumerate-select"; None or "" = no drafting ahead),
+    with its constructor's options."""
     if not name:
         return None
     if name not in STRATEGIES:
         raise ValueError(f"drafting ahead: unknown strategy {name!r}; choose from {sorted(STRATEGIES)}")
-    return STRATEGIES[name]()
+    return STRATEGIES[name](**options)

@@ -55,6 +55,7 @@ class LocalDrafter:
         # they take asyncio's thread pool and a hung one holds no core the verifier needs
         lm = getattr(drafter, "lm", None)
         self.device = "none" if getattr(drafter, "model_free", False) else getattr(lm, "device", "cpu")
+        self.lane = getattr(lm, "compute_lane", 0)
 
     def draft_sync(self, call: DraftCall) -> DraftReply:
         started = time.perf_counter()
@@ -93,7 +94,7 @@ class LocalDrafter:
         return DraftReply(tree=tree, drafter=self.name, seconds=time.perf_counter() - started)
 
     async def draft(self, call: DraftCall) -> DraftReply:
-        return await run_async(self.draft_sync, call, device=self.device)
+        return await run_async(self.draft_sync, call, device=self.device, lane=self.lane)
 
     def draft_ahead_sync(self, call: AheadCall) -> AheadReply:
         started = time.perf_counter()
@@ -110,7 +111,7 @@ class LocalDrafter:
         return AheadReply(stamp=call.stamp, units=out, drafter=self.name, seconds=time.perf_counter() - started)
 
     async def draft_ahead(self, call: AheadCall) -> AheadReply:
-        return await run_async(self.draft_ahead_sync, call, device=self.device)
+        return await run_async(self.draft_ahead_sync, call, device=self.device, lane=self.lane)
 
 
 class LocalVerifier:
@@ -134,7 +135,8 @@ class LocalVerifier:
         self.on_verified = on_verified
         self.max_batch_size = max_batch_size
         self._batcher = (
-            ContinuousBatcher(self.verify_batch_sync, max_batch_size, device=lm.device) if max_batch_size > 1 else None
+            ContinuousBatcher(self.verify_batch_sync, max_batch_size, device=lm.device, lane=lm.compute_lane)
+            if max_batch_size > 1 else None
         )
         # calls per SHARED pass (2 or more; passes that ran one call alone are not recorded)
         self.shared_pass_sizes: list[int] = []
@@ -300,7 +302,7 @@ class LocalVerifier:
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
         if self._batcher is None:
-            return await run_async(self.verify_sync, call, device=self.lm.device)
+            return await run_async(self.verify_sync, call, device=self.lm.device, lane=self.lm.compute_lane)
         return await self._batcher.submit(call)
 
     def end_session(self, session_id: str) -> None:
@@ -314,9 +316,10 @@ class ContinuousBatcher:
 
     `run_batch(items) -> results` returns one result per item, an Exception for a failed item."""
 
-    def __init__(self, run_batch, max_batch_size: int, device=None) -> None:
+    def __init__(self, run_batch, max_batch_size: int, device=None, lane: int = 0) -> None:
         self.run_batch = run_batch
         self.device = device  # where the batch function's work runs (models/compute.py)
+        self.lane = lane
         self.max_batch_size = max_batch_size
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._draining = False
@@ -338,7 +341,8 @@ class ContinuousBatcher:
                 if not batch:
                     continue
                 try:
-                    results = await run_async(self.run_batch, [item for item, _ in batch], device=self.device)
+                    results = await run_async(self.run_batch, [item for item, _ in batch], device=self.device,
+                                              lane=self.lane)
                 except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results):

@@ -62,6 +62,7 @@ class CausalLM:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.lock = threading.RLock()
+        self.compute_lane = 0  # which compute thread runs its CPU work (models/compute.py lanes)
         self.kernels = str(self.dtype).removeprefix("torch.")  # what its linear layers run (summaries)
 
     @classmethod

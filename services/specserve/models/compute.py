@@ -11,6 +11,11 @@ anyway: the OpenMP team already uses every core for each op.
 
 Off the CPU (CUDA) kernels run asynchronously and OpenMP is not involved, so GPU models keep a
 thread per call and overlapped drafting really overlaps (`executor_for`).
+
+Lanes: to emulate two nodes on one machine (a drafter on its own cores, the verifier on others),
+a model may be put on another lane (`CausalLM.compute_lane`): its own single thread, pinned to its
+own CPUs by `pin_lane` (with one torch thread per lane, so no OpenMP team is ever shared). Lane 0
+is the default and the only one a normal process uses.
 """
 
 from __future__ import annotations
@@ -24,28 +29,43 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
-_thread_id: int | None = None
+_executors: dict[int, ThreadPoolExecutor] = {}
+_thread_ids: dict[int, int] = {}  # lane -> its thread's ident
+_lane_cpus: dict[int, set[int]] = {}
 
 
-def _remember_thread() -> None:
-    global _thread_id
-    _thread_id = threading.get_ident()
+def _start_lane(lane: int) -> None:
+    _thread_ids[lane] = threading.get_ident()
+    cpus = _lane_cpus.get(lane)
+    if cpus:
+        import os
+
+        os.sched_setaffinity(0, cpus)  # on Linux, pid 0 = this thread only
 
 
-def compute_executor() -> ThreadPoolExecutor:
-    """The process-wide single-thread executor for CPU torch work (created on first use)."""
-    global _executor
+def pin_lane(lane: int, cpus: set[int]) -> None:
+    """Pin a lane's thread to `cpus` (before its first use)."""
     with _lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="specserve-torch", initializer=_remember_thread
+        if lane in _executors:
+            raise RuntimeError(f"compute lane {lane} already started; pin it before its first use")
+        _lane_cpus[lane] = set(cpus)
+
+
+def compute_executor(lane: int = 0) -> ThreadPoolExecutor:
+    """The process-wide single-thread executor of a lane for CPU torch work (created on first use)."""
+    with _lock:
+        if lane not in _executors:
+            _executors[lane] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"specserve-torch-{lane}",
+                initializer=functools.partial(_start_lane, lane),
             )
-        return _executor
+        return _executors[lane]
 
 
-def on_compute_thread() -> bool:
-    return _thread_id is not None and threading.get_ident() == _thread_id
+def on_compute_thread(lane: int | None = None) -> bool:
+    """On the compute thread of `lane` (None: of any lane)."""
+    me = threading.get_ident()
+    return me in _thread_ids.values() if lane is None else _thread_ids.get(lane) == me
 
 
 def run_sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -56,17 +76,17 @@ def run_sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return compute_executor().submit(fn, *args, **kwargs).result()
 
 
-def executor_for(device: Any) -> Executor | None:
-    """The compute thread for CPU model work (device None counts as CPU); None (asyncio's default
-    thread pool) for accelerator devices and for work that runs no torch kernels ("none")."""
+def executor_for(device: Any, lane: int = 0) -> Executor | None:
+    """The compute thread of `lane` for CPU model work (device None counts as CPU); None (asyncio's
+    default thread pool) for accelerator devices and for work that runs no torch kernels ("none")."""
     kind = getattr(device, "type", None) or str(device or "cpu").split(":", 1)[0]
-    return compute_executor() if kind == "cpu" else None
+    return compute_executor(lane) if kind == "cpu" else None
 
 
-async def run_async(fn: Callable[..., T], *args: Any, device: Any = None, **kwargs: Any) -> T:
+async def run_async(fn: Callable[..., T], *args: Any, device: Any = None, lane: int = 0, **kwargs: Any) -> T:
     """Await `fn(*args, **kwargs)` run where work on `device` belongs (see module doc)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor_for(device), functools.partial(fn, *args, **kwargs))
+    return await loop.run_in_executor(executor_for(device, lane), functools.partial(fn, *args, **kwargs))
 
 
 def on_compute(fn: Callable[..., T]) -> Callable[..., T]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..engine.types import LOSSY_RULES, GenerationRequest, GenerationStats, RoundResult, RuleParams
-from ..engine.workers import DraftCall, DraftReply, VerifyCall, VerifyReply
+from ..engine.workers import AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply
 from ..sampling.params import SamplingParams
 from ..tree.token_tree import ROOT, Proposal, TokenTree
 from ..v1 import generation_pb2 as gen_pb
@@ -179,6 +179,52 @@ def draft_call_from_proto(msg: int_pb.DraftCall) -> DraftCall:
     )
 
 
+def ahead_call_to_proto(call: AheadCall, row_encoding: int = int_pb.ROW_ENCODING_EXACT) -> int_pb.AheadCall:
+    return int_pb.AheadCall(
+        session_id=call.session_id,
+        committed=call.committed,
+        chain=call.chain,
+        fanout=call.fanout,
+        num_tokens=call.num_tokens,
+        sampling=_sampling_to_proto(call.sampling),
+        seed=call.seed,
+        stamp=call.stamp,
+        row_encoding=row_encoding,
+    )
+
+
+def ahead_call_from_proto(msg: int_pb.AheadCall) -> AheadCall:
+    return AheadCall(
+        session_id=msg.session_id,
+        committed=list(msg.committed),
+        chain=list(msg.chain),
+        fanout=list(msg.fanout),
+        num_tokens=msg.num_tokens,
+        sampling=_sampling_from_proto(msg.sampling),
+        seed=msg.seed,
+        stamp=msg.stamp,
+    )
+
+
+def ahead_reply_to_proto(reply: AheadReply, row_encoding: int = int_pb.ROW_ENCODING_EXACT) -> int_pb.AheadReply:
+    return int_pb.AheadReply(
+        stamp=reply.stamp,
+        units=[int_pb.AheadUnit(accepted=u.accepted, bonus=u.bonus, tree=tree_to_proto(u.tree, row_encoding))
+               for u in reply.units],
+        drafter=reply.drafter,
+        seconds=reply.seconds,
+    )
+
+
+def ahead_reply_from_proto(msg: int_pb.AheadReply) -> AheadReply:
+    return AheadReply(
+        stamp=msg.stamp,
+        units=[AheadUnitTree(u.accepted, u.bonus, tree_from_proto(u.tree)) for u in msg.units],
+        drafter=msg.drafter,
+        seconds=msg.seconds,
+    )
+
+
 def draft_reply_to_proto(reply: DraftReply, row_encoding: int = int_pb.ROW_ENCODING_EXACT) -> int_pb.DraftReply:
     return int_pb.DraftReply(
         tree=tree_to_proto(reply.tree, row_encoding), drafter=reply.drafter, seconds=reply.seconds
@@ -324,6 +370,7 @@ def stats_to_proto(
         ),
         rule=rule,
         lossy=rule in LOSSY_RULES,
+        drafting_ahead=stats.ahead_outcomes,
     )
     for name in sorted(set(stats.drafted_by_drafter) | set(stats.accepted_by_drafter)):
         drafted = stats.drafted_by_drafter.get(name, 0)

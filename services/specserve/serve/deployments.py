@@ -85,6 +85,18 @@ class _DrafterReplica:
             self.meter.finish(token, msg.verify_window_s)
         return convert.draft_reply_to_proto(reply, msg.row_encoding).SerializeToString()
 
+    async def draft_ahead(self, payload: bytes) -> bytes:
+        """Enumerate-and-select (engine/ahead.py); LM drafters only."""
+        msg = int_pb.AheadCall.FromString(payload)
+        if not self.worker.can_draft_ahead:
+            raise TypeError(f"the {self.kind} drafter cannot draft ahead")
+        token = self.meter.start()
+        try:
+            reply = await self.worker.draft_ahead(convert.ahead_call_from_proto(msg))
+        finally:
+            self.meter.finish(token)
+        return convert.ahead_reply_to_proto(reply, msg.row_encoding).SerializeToString()
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: what DrafterLoadPolicy scales on."""
         return self.meter.stats()
@@ -113,6 +125,7 @@ class MediumDrafter(_DrafterReplica):
 
 
 DRAFTER_DEPLOYMENTS = {"ngram": NgramDrafter, "small": SmallDrafter, "medium": MediumDrafter}
+LM_DRAFTER_KINDS = ("small", "medium")  # their replicas can draft ahead (LMDrafter.propose_ahead)
 
 
 @serve.deployment(name=DEPLOYMENT_NAMES["verifier"])
@@ -174,7 +187,7 @@ class Router:
         self.settings = s = AppSettings.model_validate(settings)
         remote_drafters = [
             RemoteDrafter(kind, handle, timeout_s=s.draft_timeout_s, grpc_transport=s.grpc_transport,
-                          affinity=s.session_affinity)
+                          affinity=s.session_affinity, can_draft_ahead=kind in LM_DRAFTER_KINDS)
             for kind, handle in drafters.items()
         ]
         remote_verifier = RemoteVerifier(verifier, timeout_s=s.verify_timeout_s, attempts=s.verify_attempts,
@@ -244,8 +257,12 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
         drafters=tuple(d.name for d in drafters),
         name=settings.models.verifier,
     )
+    from ..engine.ahead import make_strategy
+
+    options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait} \
+        if settings.ahead == "enumerate-select" else {}
     loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
-                      overlap_drafting=settings.overlap)
+                      ahead=make_strategy(settings.ahead, **options))
     # recorded through ray.serve.metrics: Ray's metrics agent exports them with the replica tags
     return GenerationService(loop, AutoTokenizer.from_pretrained(path), model, metrics=ServeMetrics(backend="ray"))
 

@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any
 
-from ..engine.workers import DraftCall, DraftReply, VerifyCall, VerifyReply
+from ..engine.workers import AheadCall, AheadReply, DraftCall, DraftReply, VerifyCall, VerifyReply
 from ..v1 import internal_pb2 as int_pb
 from . import convert
 from .service import VerifierUnavailable
@@ -61,8 +61,9 @@ class RemoteDrafter:
     """DrafterBackend over a drafter deployment handle."""
 
     def __init__(self, name: str, handle: Any, *, timeout_s: float, grpc_transport: bool = True,
-                 affinity: bool = True) -> None:
+                 affinity: bool = True, can_draft_ahead: bool = False) -> None:
         self.name = name
+        self.can_draft_ahead = can_draft_ahead  # an LM drafter deployment (engine/ahead.py)
         self._handle = handle
         self._timeout_s = timeout_s
         self._grpc_transport = grpc_transport
@@ -81,6 +82,18 @@ class RemoteDrafter:
         except Exception as exc:  # noqa: BLE001 - any failure drops this drafter for the round
             raise WorkerUnavailable(f"drafter {self.name!r} failed: {type(exc).__name__}: {exc}") from exc
         return convert.draft_reply_from_proto(int_pb.DraftReply.FromString(raw))
+
+    async def draft_ahead(self, call: AheadCall) -> AheadReply:
+        encoding = convert.row_encoding_for_rule(call.rule) if call.rule else int_pb.ROW_ENCODING_EXACT
+        payload = convert.ahead_call_to_proto(call, encoding).SerializeToString()
+        try:
+            raw = await _call(self._handle, "draft_ahead", payload, call.session_id, self._timeout_s,
+                              self._grpc_transport, self._affinity)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed build only costs speed
+            raise WorkerUnavailable(f"drafter {self.name!r} failed to draft ahead: {type(exc).__name__}: {exc}") from exc
+        return convert.ahead_reply_from_proto(int_pb.AheadReply.FromString(raw))
 
 
 class RemoteVerifier:

@@ -158,13 +158,25 @@ class AppSettings(_Strict):
     # share one forward pass (1 = never batch). Calls that arrive while a pass runs form the next
     # one, so a lone request never waits. More than the verifier's max_ongoing_requests never fills.
     verify_batch_size: int = Field(8, ge=1)
-    # draft the next round while the verifier checks this one (engine/loop.py); None = on for
-    # the gpu profile (drafters on their own nodes), off for cpu (they would share the cores)
-    overlap_drafting: bool | None = None
+    # draft the next round while the verifier checks this one (engine/ahead.py): "none",
+    # "full-acceptance" (bet on full acceptance) or "enumerate-select" (draft for every likely
+    # outcome; needs an LM drafter: small or medium). None = full-acceptance on the gpu profile
+    # (drafters on their own nodes), none on cpu (they would share the cores).
+    drafting_ahead: Literal["none", "full-acceptance", "enumerate-select"] | None = None
+    overlap_drafting: bool | None = None  # the old switch: True = "full-acceptance"
+    # enumerate-select: how long a build still running when the verify reply is in may take, as a
+    # fraction of that verification's time, before the round drafts without it
+    ahead_max_wait: float = Field(0.25, ge=0)
+    ahead_units: int = Field(8, ge=1)  # enumerate-select: branches built per round
 
     @property
-    def overlap(self) -> bool:
-        return self.profile == "gpu" if self.overlap_drafting is None else self.overlap_drafting
+    def ahead(self) -> str | None:
+        """The drafting-ahead strategy's name, None for none."""
+        if self.drafting_ahead is not None:
+            return None if self.drafting_ahead == "none" else self.drafting_ahead
+        if self.overlap_drafting is not None:
+            return "full-acceptance" if self.overlap_drafting else None
+        return "full-acceptance" if self.profile == "gpu" else None
 
     @model_validator(mode="before")
     @classmethod

@@ -135,7 +135,7 @@ class Timings(_message.Message):
     def __init__(self, total_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "tokens_per_step", "mean_accepted_length", "acceptance_rate", "accepted_per_position", "drafted_per_position", "drafters", "timings", "rule", "lossy")
+    __slots__ = ("prompt_tokens", "generated_tokens", "rounds", "drafted", "accepted", "tokens_per_step", "mean_accepted_length", "acceptance_rate", "accepted_per_position", "drafted_per_position", "drafters", "timings", "rule", "lossy", "drafting_ahead")
     class DraftersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,13 @@ class GenerationStats(_message.Message):
         key: str
         value: DrafterStats
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[DrafterStats, _Mapping]] = ...) -> None: ...
+    class DraftingAheadEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +164,7 @@ class GenerationStats(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     RULE_FIELD_NUMBER: _ClassVar[int]
     LOSSY_FIELD_NUMBER: _ClassVar[int]
+    DRAFTING_AHEAD_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     rounds: int
@@ -171,7 +179,8 @@ class GenerationStats(_message.Message):
     timings: Timings
     rule: str
     lossy: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., drafters: _Optional[_Mapping[str, DrafterStats]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., rule: _Optional[str] = ..., lossy: _Optional[bool] = ...) -> None: ...
+    drafting_ahead: _containers.ScalarMap[str, int]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., tokens_per_step: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., drafted_per_position: _Optional[_Iterable[int]] = ..., drafters: _Optional[_Mapping[str, DrafterStats]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., rule: _Optional[str] = ..., lossy: _Optional[bool] = ..., drafting_ahead: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats", "session_id")

@@ -128,6 +128,50 @@ class DraftCall(_message.Message):
     verify_window_s: float
     def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ..., verify_window_s: _Optional[float] = ...) -> None: ...
 
+class AheadCall(_message.Message):
+    __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STAMP_FIELD_NUMBER: _ClassVar[int]
+    ROW_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    committed: _containers.RepeatedScalarFieldContainer[int]
+    chain: _containers.RepeatedScalarFieldContainer[int]
+    fanout: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    sampling: SamplingParams
+    seed: int
+    stamp: str
+    row_encoding: RowEncoding
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., chain: _Optional[_Iterable[int]] = ..., fanout: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., stamp: _Optional[str] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ...) -> None: ...
+
+class AheadUnit(_message.Message):
+    __slots__ = ("accepted", "bonus", "tree")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    BONUS_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    bonus: int
+    tree: TokenTree
+    def __init__(self, accepted: _Optional[int] = ..., bonus: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ...) -> None: ...
+
+class AheadReply(_message.Message):
+    __slots__ = ("stamp", "units", "drafter", "seconds")
+    STAMP_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stamp: str
+    units: _containers.RepeatedCompositeFieldContainer[AheadUnit]
+    drafter: str
+    seconds: float
+    def __init__(self, stamp: _Optional[str] = ..., units: _Optional[_Iterable[_Union[AheadUnit, _Mapping]]] = ..., drafter: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class DraftReply(_message.Message):
     __slots__ = ("tree", "drafter", "seconds")
     TREE_FIELD_NUMBER: _ClassVar[int]
