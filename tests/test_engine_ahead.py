@@ -248,3 +248,18 @@ def test_sps_with_enumerate_and_select_keeps_the_verifiers_law(verifier_lm):  # 
     assert p > 1e-3, p
     p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(units=48, max_wait_fraction=1e6), 1000)
     assert p_broken < 1e-3, p_broken
+
+
+def test_build_budget_sizes_builds_to_fit_under_verification():
+    from specserve.engine.ahead import BuildBudget
+
+    budget = BuildBudget(max_units=8)
+    assert budget.plan(6) == (8, 6)  # nothing measured: as asked
+    budget.record(8, 6, build_seconds=1.4, window_seconds=0.5)  # 0.2 s a step at width 8: far too slow
+    units, tokens = budget.plan(6)
+    assert units < 8 and tokens >= 1
+    assert (tokens + 1) * budget.step(units) <= 0.9 * 0.5 or units == 1
+    fast = BuildBudget(max_units=8)
+    fast.record(8, 4, build_seconds=0.1, window_seconds=1.0)
+    assert fast.plan(4) == (8, 4)
+    assert fast.step(4) == fast.step(8) and fast.step(16) == pytest.approx(2 * fast.step(8))

@@ -258,3 +258,22 @@ def test_greedy_generations_under_caps_equal_plain_greedy(verifier_lm, twin_lm, 
     for (tokens, _), want in zip(results, expected):
         assert tokens == want
     assert any(cap >= 0 for cap in verifier.shared_pass_caps)  # caps really were applied
+
+
+def test_a_lone_call_keeps_the_shared_cap_while_others_are_active(lm):  # noqa: F811
+    """A deep lone pass would make the other streams wait and desynchronise them (then no pass is
+    shared again): while other sessions are active a lone call gets the last shared cap."""
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+    calls = []
+    for i in range(3):
+        call = greedy_call(f"s{i}", random_ids(6 + i, seed=i), chain(random_ids(6, seed=10 + i)))
+        call.want_depth, call.accept_rates = 6, (0.3,) * 6
+        calls.append(call)
+    assert {r.depth_cap for r in verifier.verify_batch_sync(calls)} == {0}
+    lone = greedy_call("s0", calls[0].committed + [1], chain(random_ids(6, seed=40)))
+    reply = verifier.verify_batch_sync([lone])[0]
+    assert reply.depth_cap == 0 and reply.path == []
+    for _ in range(8):  # the others go quiet: their sessions leave the planner's memory
+        verifier.verify_batch_sync([greedy_call("s0", lone.committed, chain([]))])
+    assert verifier.verify_batch_sync([greedy_call("s0", lone.committed, chain([3]))])[0].depth_cap == -1

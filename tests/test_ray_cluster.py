@@ -84,7 +84,9 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(cluster):
     """Deployed the way `specserve serve` does it: a Serve config file through run_local, with the
-    app builder + args as import path (the checked-in configs use a built app instead)."""
+    app builder + args as import path (the checked-in configs use a built app instead). Drafting
+    ahead is enumerate-and-select, so every test below (greedy equality, concurrent streams, a
+    drafter replica killed mid-generation = mid-build, the verifier killed) runs through it."""
     grpc_port = free_port(20100)
     HTTP["port"] = free_port(grpc_port + 1)
     config = {
@@ -96,7 +98,7 @@ def app(cluster):
             "route_prefix": "/specserve",
             "import_path": "specserve.serve.app:build_app",
             "args": tiny_settings(cluster["model_dir"], drafters=["ngram", "small"], draft_timeout_s=3.0,
-                                  verify_timeout_s=15.0),
+                                  verify_timeout_s=15.0, drafting_ahead="enumerate-select"),
         }],
     }
     path = cluster["tmp"] / "serve.yaml"

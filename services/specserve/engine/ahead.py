@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -67,6 +68,9 @@ class AheadBuild:
     task: asyncio.Task
     stamp: str
     chain_nodes: list[int] = field(default_factory=list)  # the enumerated chain's node ids in ctx.tree
+    units: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -148,6 +152,57 @@ def allocate_fanout(accept_rates: Sequence[float], chain_length: int, units: int
     return fanout
 
 
+class BuildBudget:
+    """How wide and deep a build can be and still be ready when the verifier answers.
+
+    A build is one forward over the chain plus one per continuation token, each over all its units
+    at once, so it costs (tokens + 1) steps of a width-U batch. Measured per width: seconds per
+    step (EMA), and the verification window it must fit under (EMA). `plan` picks the widest U
+    (up to the maximum) whose steps fit `fit` x window with the depth wanted (at least
+    `min_tokens` of it), else the best it can. An unmeasured width is assumed to cost like the
+    nearest measured narrower one scaled by the width ratio (pessimistic), or the same as a wider one."""
+
+    def __init__(self, max_units: int, fit: float = 0.9, min_tokens: int = 2, smoothing: float = 0.3) -> None:
+        self.max_units = max_units
+        self.fit = fit
+        self.min_tokens = min_tokens
+        self.smoothing = smoothing
+        self.step_seconds: dict[int, float] = {}
+        self.window: float | None = None
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def record(self, units: int, tokens: int, build_seconds: float, window_seconds: float) -> None:
+        if units > 0 and build_seconds > 0:
+            self.step_seconds[units] = self._ema(self.step_seconds.get(units), build_seconds / (tokens + 1))
+        if window_seconds > 0:
+            self.window = self._ema(self.window, window_seconds)
+
+    def step(self, units: int) -> float | None:
+        if units in self.step_seconds:
+            return self.step_seconds[units]
+        narrower = [u for u in self.step_seconds if u < units]
+        if narrower:
+            u = max(narrower)
+            return self.step_seconds[u] * units / u
+        wider = [u for u in self.step_seconds if u > units]
+        return self.step_seconds[min(wider)] if wider else None
+
+    def plan(self, want_tokens: int) -> tuple[int, int]:
+        """(units, tokens) for the next build."""
+        if self.window is None or not self.step_seconds:
+            return self.max_units, want_tokens  # nothing measured yet
+        best = (1, 1)
+        for units in range(self.max_units, 0, -1):
+            step = self.step(units)
+            tokens = min(want_tokens, int(self.fit * self.window / step) - 1) if step else want_tokens
+            if tokens >= min(want_tokens, self.min_tokens):
+                return units, tokens
+            best = max(best, (units, tokens), key=lambda p: p[1]) if tokens >= 1 else best
+        return best
+
+
 def _first_chain(tree: TokenTree) -> list[int]:
     """Node ids of the tree's first branch, root to leaf (the whole tree when it is a chain)."""
     nodes, parent = [], ROOT
@@ -164,7 +219,8 @@ class EnumerateAndSelect:
     (module doc). `units`: branches built per round (the batched decode's width); `r`: how
     strongly the fan-out favours likely accept lengths (0 = proportional); `max_wait_fraction`:
     how long after the verify reply a build still in progress may take, as a fraction of the
-    verification time, before the round goes on without it."""
+    verification time, before the round goes on without it. Builds are sized to be ready in
+    time (BuildBudget): narrower and shallower where the drafter is slow against the verifier."""
 
     name = "enumerate-select"
 
@@ -172,6 +228,7 @@ class EnumerateAndSelect:
         self.units = units
         self.r = r
         self.max_wait_fraction = max_wait_fraction
+        self.budget = BuildBudget(units)
 
     @staticmethod
     def builder(drafters: Sequence[DrafterBackend]) -> DrafterBackend | None:
@@ -183,18 +240,19 @@ class EnumerateAndSelect:
             return None
         nodes = _first_chain(ctx.tree)
         chain = [ctx.tree.tokens[n] for n in nodes]
+        units, tokens = self.budget.plan(ctx.next_depth)
         call = AheadCall(
             session_id=ctx.session_id,
             committed=list(ctx.committed),
             chain=chain,
-            fanout=allocate_fanout(ctx.accept_rates, len(chain), self.units, self.r),
-            num_tokens=ctx.next_depth,
+            fanout=allocate_fanout(ctx.accept_rates, len(chain), units, self.r),
+            num_tokens=tokens,
             sampling=ctx.sampling,
             seed=ctx.seed,
             stamp=ctx.stamp,
             rule=ctx.rule,
         )
-        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes)
+        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes, units, tokens)
 
     async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
                    verify_seconds: float) -> AheadOutcome:
@@ -207,12 +265,15 @@ class EnumerateAndSelect:
             await asyncio.wait({build.task}, timeout=self.max_wait_fraction * verify_seconds)
             if not build.task.done():
                 _cancel(build.task)
+                # at least this long: enough for the budget to size the next builds down
+                self.budget.record(build.units, build.tokens, time.perf_counter() - build.started, verify_seconds)
                 return AheadOutcome([], "late")
         if build.task.cancelled() or build.task.exception() is not None:
             if not build.task.cancelled():
                 log.warning("drafting ahead failed (this round drafts without it): %r", build.task.exception())
             return AheadOutcome([], "failed")
         result = build.task.result()
+        self.budget.record(build.units, build.tokens, result.seconds, verify_seconds)
         if result.stamp != build.stamp:  # never a draft made for another round's text
             return AheadOutcome([], "stale")
         for unit in result.units:

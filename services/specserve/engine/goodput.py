@@ -172,11 +172,26 @@ class PassPlanner:
     answers K + 1 (its calls draft one deeper) and the next pass lets that depth through once,
     which measures it."""
 
-    def __init__(self, explore_every: int = 16) -> None:
+    def __init__(self, explore_every: int = 16, memory_passes: int = 8) -> None:
         self.costs = PassCostModel()
         self.explore_every = explore_every
         self.shared_passes = 0
         self._let_through = -1  # the depth the next pass lets through (exploration), -1 = none
+        # sessions of the last passes, and the last shared pass's cap: a call that has a pass to
+        # itself while other sessions are active keeps that cap (sticky), because a deep lone pass
+        # makes the others wait and desynchronises them, and then no pass is shared any more
+        self._recent: deque = deque(maxlen=memory_passes)
+        self.last_cap = -1
+
+    def saw(self, session_ids: Sequence[str]) -> None:
+        """A pass ran with these sessions."""
+        self._recent.append(frozenset(session_ids))
+
+    def lone_cap(self, session_id: str) -> int:
+        """The cap for a call alone in its pass: the last shared cap while other sessions are
+        active (seen in the last passes), else none (-1)."""
+        others = set().union(*self._recent) - {session_id} if self._recent else set()
+        return self.last_cap if others else -1
 
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
@@ -189,4 +204,5 @@ class PassPlanner:
             rows = len(demands) * max(d.feed(cap + 1) for d in demands)
             if rows > self.costs.largest_rows():
                 cap = self._let_through = cap + 1
+        self.last_cap = cap
         return cap

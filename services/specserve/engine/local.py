@@ -205,6 +205,8 @@ class LocalVerifier:
                 batched.append(i)
         if len(batched) == 1:
             alone, batched = sorted(alone + batched), []
+        if self.goodput_caps:
+            self.planner.saw([calls[i].session_id for i in batched or alone])
         cap = -1
         if batched:
             started = time.perf_counter()
@@ -235,8 +237,15 @@ class LocalVerifier:
             except Exception:  # noqa: BLE001 - the pass itself failed: isolate the culprit
                 alone = sorted(alone + [i for i in batched if results[i] is None])
         for i in alone:
+            lone_cap = -1
+            if self.goodput_caps and i not in batched and calls[i].rule != "mcsd-ti":
+                lone_cap = self.planner.lone_cap(calls[i].session_id)  # others active: keep the shared cap
+                if lone_cap >= 0 and len(calls[i].tree) and calls[i].tree.max_depth > lone_cap:
+                    calls = list(calls)
+                    calls[i] = dataclasses.replace(calls[i], tree=merge_trees([calls[i].tree], max_depth=lone_cap))
             try:
                 results[i] = self.verify_sync(calls[i])
+                results[i].depth_cap = lone_cap
             except Exception as exc:  # noqa: BLE001 - this call's error, returned to it
                 results[i] = exc
         for i in batched:  # their trees were cut to the cap (also when re-verified alone)
