@@ -8,6 +8,7 @@ greedy generations through a batching verifier equal plain greedy decoding token
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -171,3 +172,34 @@ def test_concurrent_greedy_generations_through_a_batching_verifier_equal_plain_g
     for (tokens, _), want in zip(results, expected):
         assert tokens == want
     assert max(verifier.shared_pass_sizes) > 1  # the passes really were shared
+
+
+def test_continuous_batcher_regroups_streams_that_alternate():
+    """Two streams whose calls keep missing each other's passes: the batcher waits (briefly) for
+    the caller of the last batches that is about to call again, and they share passes again."""
+    seen: list[list[str]] = []
+
+    def run_batch(items):
+        time.sleep(0.02)
+        seen.append(sorted(items))
+        return items
+
+    async def stream(batcher, name: str, delay: float, rounds: int):
+        await asyncio.sleep(delay)
+        for _ in range(rounds):
+            await batcher.submit(name)
+            await asyncio.sleep(0.003)  # drafting the next round
+
+    async def main(key):
+        batcher = ContinuousBatcher(run_batch, max_batch_size=4, key=key)
+        await asyncio.gather(stream(batcher, "a", 0.0, 10), stream(batcher, "b", 0.01, 10))
+        return batcher
+
+    seen.clear()
+    asyncio.run(main(None))
+    alternating = sum(len(b) == 2 for b in seen)
+    seen.clear()
+    batcher = asyncio.run(main(lambda item: item))
+    regrouped = sum(len(b) == 2 for b in seen)
+    assert alternating <= 1 and regrouped >= 8, (alternating, regrouped)
+    assert batcher.regroup_waits >= 1

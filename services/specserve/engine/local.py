@@ -15,6 +15,7 @@ import inspect
 import threading
 import time
 import zlib
+from collections import deque
 
 import numpy as np
 import torch
@@ -135,7 +136,8 @@ class LocalVerifier:
         self.on_verified = on_verified
         self.max_batch_size = max_batch_size
         self._batcher = (
-            ContinuousBatcher(self.verify_batch_sync, max_batch_size, device=lm.device, lane=lm.compute_lane)
+            ContinuousBatcher(self.verify_batch_sync, max_batch_size, device=lm.device, lane=lm.compute_lane,
+                              key=lambda call: call.session_id)
             if max_batch_size > 1 else None
         )
         # calls per SHARED pass (2 or more; passes that ran one call alone are not recorded)
@@ -321,21 +323,59 @@ class LocalVerifier:
 class ContinuousBatcher:
     """Collects concurrent async calls for a synchronous batch function: the first call runs at
     once; calls that arrive while a batch runs (in a worker thread) form the next batch, up to
-    `max_batch_size`. No timer: a lone request never waits for company.
+    `max_batch_size`. A lone request never waits for company.
+
+    Regrouping (`key` given, e.g. the session id): streams that alternate (A's pass runs while B
+    queues, then B's while A drafts, ...) would never share a pass again, because each one's next
+    call arrives just after the other's pass started. So before a batch is formed, the callers of
+    the last two batches that are not queued yet are waited for, at most `wait_fraction` of the
+    last batch's time (and `max_wait_s`): they are drafting their next round and about to call.
 
     `run_batch(items) -> results` returns one result per item, an Exception for a failed item."""
 
-    def __init__(self, run_batch, max_batch_size: int, device=None, lane: int = 0) -> None:
+    def __init__(self, run_batch, max_batch_size: int, device=None, lane: int = 0, key=None,
+                 wait_fraction: float = 0.25, max_wait_s: float = 0.05) -> None:
         self.run_batch = run_batch
         self.device = device  # where the batch function's work runs (models/compute.py)
         self.lane = lane
         self.max_batch_size = max_batch_size
+        self.key = key
+        self.wait_fraction = wait_fraction
+        self.max_wait_s = max_wait_s
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._draining = False
+        self._recent: deque = deque(maxlen=2)  # the keys of the last batches
+        self._last_seconds = 0.0
+        self._arrived: asyncio.Event | None = None
+        self.regroup_waits = 0  # batches that waited for company (for tests and stats)
+
+    async def _regroup(self) -> None:
+        if self.key is None or not self._recent:
+            return
+        expected = set().union(*self._recent)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.max_wait_s, self.wait_fraction * self._last_seconds)
+        waited = False
+        while True:
+            queued = {self.key(item) for item, future in self._queue if not future.done()}
+            if expected <= queued or len(queued) >= self.max_batch_size:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waited = True
+            self._arrived = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        self.regroup_waits += int(waited)
 
     async def submit(self, item):
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        if self._arrived is not None:
+            self._arrived.set()
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain())
@@ -344,16 +384,21 @@ class ContinuousBatcher:
     async def _drain(self) -> None:
         try:
             while self._queue:
+                await self._regroup()
                 batch = self._queue[: self.max_batch_size]
                 del self._queue[: self.max_batch_size]
                 batch = [(item, future) for item, future in batch if not future.done()]  # skip cancelled
                 if not batch:
                     continue
+                started = time.perf_counter()
                 try:
                     results = await run_async(self.run_batch, [item for item, _ in batch], device=self.device,
                                               lane=self.lane)
                 except Exception as exc:  # noqa: BLE001 - delivered to every caller of the batch
                     results = [exc] * len(batch)
+                self._last_seconds = time.perf_counter() - started
+                if self.key is not None:
+                    self._recent.append({self.key(item) for item, _ in batch})
                 for (_, future), result in zip(batch, results):
                     if future.done():
                         continue
