@@ -118,7 +118,9 @@ def run_overhead(
                             rows["standalone-http"].append(row)
                         elif setup == "in-process":
                             tokens, stats = engine.run(request(ids))
-                            row = {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens}
+                            row = {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens,
+                                   "draft_per_round": stats.draft_seconds / stats.rounds,
+                                   "verify_per_round": stats.verify_seconds / stats.rounds}
                             rows["in-process"].append(row)
                         else:
                             reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
@@ -133,8 +135,10 @@ def run_overhead(
     finally:
         server.close()
     if with_ray:
-        per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True)
-        rows["ray-serve"] = [{"seconds_per_round": s} for s in per_round]
+        split: list = []
+        per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True, split)
+        rows["ray-serve"] = [{"seconds_per_round": s, "draft_per_round": d, "verify_per_round": v}
+                             for s, (d, v) in zip(per_round, split)]
     return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
                                           "prompts": len(batch), "repeats": repeats, "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
             "rows": rows}
@@ -155,6 +159,9 @@ def summarize_overhead(result: dict) -> list[dict]:
             same = all(a["tokens"] == b["tokens"] for a, b in zip(runs, rows["in-process"]))
         if setup == "standalone-http":  # the same text as gRPC's for the same greedy request
             same = all(a["text"] == b["text"] for a, b in zip(runs, rows.get("standalone-grpc", [])))
+        split = [(r["draft_per_round"], r["verify_per_round"]) for r in runs if "draft_per_round" in r]
         out.append({"setup": setup, "ms_per_round": med * 1e3, "overhead_ms_per_round": (med - local) * 1e3,
-                    "ratio": med / local, "same_tokens": same})
+                    "ratio": med / local, "same_tokens": same,
+                    "draft_ms": 1e3 * statistics.median(d for d, _ in split) if split else None,
+                    "verify_ms": 1e3 * statistics.median(v for _, v in split) if split else None})
     return out

@@ -135,11 +135,13 @@ def quality_report(result: dict) -> str:
 
 def overhead_report(result: dict) -> str:
     rows = [[o["setup"], _fmt(o["ms_per_round"], ".1f"), _fmt(o["overhead_ms_per_round"], "+.1f"),
-             _fmt(o["ratio"], ".2f", "×"), {True: "yes", False: "NO", None: "–"}[o["same_tokens"]]]
+             _fmt(o["ratio"], ".2f", "×"), _fmt(o.get("draft_ms"), ".1f"), _fmt(o.get("verify_ms"), ".1f"),
+             {True: "yes", False: "NO", None: "–"}[o["same_tokens"]]]
             for o in summarize_overhead(result)]
     meta = result["meta"]
     return "\n".join([
-        _table(["setup", "ms / round (median)", "overhead / round", "ratio", "same tokens"], rows),
+        _table(["setup", "ms / round (median)", "overhead / round", "ratio", "drafting ms / round (loop's view)",
+                "verifying ms / round (loop's view)", "same tokens"], rows),
         "",
         f"_Model `{meta['model']}` ({meta['dtype']}), drafters {', '.join(meta['drafters'])}, greedy, "
         f"{meta['prompts']} prompts x {meta.get('repeats', 1)} repeats (alternating order), "

@@ -53,7 +53,10 @@ def in_process(model: str, layers: int, batch: list[list[int]], max_new: int) ->
     return per_round
 
 
-def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, grpc_transport: bool) -> list[float]:
+def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, grpc_transport: bool,
+                breakdown: list | None = None) -> list[float]:
+    """Seconds per round of each request through the Serve app; `breakdown`, when given, gets
+    (draft, verify) seconds per round as the router's loop saw them (handle round trips included)."""
     import grpc
     import ray
     from ray import serve
@@ -82,6 +85,9 @@ def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, g
         reply = stub.Generate(req, metadata=meta, timeout=600)
         if i:
             per_round.append((time.perf_counter() - start) / reply.stats.rounds)
+            if breakdown is not None:
+                t = reply.stats.timings
+                breakdown.append((t.draft_seconds / reply.stats.rounds, t.verify_seconds / reply.stats.rounds))
     serve.delete("overhead")
     return per_round
 
