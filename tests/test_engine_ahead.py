@@ -96,9 +96,10 @@ def test_fanout_follows_the_acceptance_and_always_covers_full_acceptance():
 
 def engine_with(verifier, twin_lm, **kw):  # noqa: F811
     """Drafter and verifier share this process's one compute thread, so a build only starts after
-    the verification it runs "under": the strategy waits for it (a separate device would not)."""
+    the verification it runs "under": the strategy waits for it (a separate device would not), and
+    builds are not sized by time (that would make what is built depend on this machine's speed)."""
     drafters = [LocalDrafter(LMDrafter(twin_lm, name="twin")), LocalDrafter(PromptLookupDrafter())]
-    return SpeculativeEngine(verifier, drafters, ahead=EnumerateAndSelect(max_wait_fraction=1e6), **kw)
+    return SpeculativeEngine(verifier, drafters, ahead=EnumerateAndSelect(max_wait_fraction=1e6, sized=False), **kw)
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -243,10 +244,10 @@ def test_sps_with_enumerate_and_select_keeps_the_verifiers_law(verifier_lm):  # 
     """The tiny random models' laws are flat, so the build is wide (48 units) to hit often; the
     negative control (rows that lie about the unit's law) shows the test can fail."""
     drafter = cousin_of(verifier_lm)
-    p, hits = third_token_p_value(verifier_lm, drafter, EnumerateAndSelect(units=48, max_wait_fraction=1e6), 1000)
+    p, hits = third_token_p_value(verifier_lm, drafter, EnumerateAndSelect(units=48, max_wait_fraction=1e6, sized=False), 1000)
     assert hits > 250  # units really drafted those tokens
     assert p > 1e-3, p
-    p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(units=48, max_wait_fraction=1e6), 1000)
+    p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(units=48, max_wait_fraction=1e6, sized=False), 1000)
     assert p_broken < 1e-3, p_broken
 
 

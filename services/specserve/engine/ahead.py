@@ -220,14 +220,17 @@ class EnumerateAndSelect:
     strongly the fan-out favours likely accept lengths (0 = proportional); `max_wait_fraction`:
     how long after the verify reply a build still in progress may take, as a fraction of the
     verification time, before the round goes on without it. Builds are sized to be ready in
-    time (BuildBudget): narrower and shallower where the drafter is slow against the verifier."""
+    time (BuildBudget): narrower and shallower where the drafter is slow against the verifier
+    (`sized=False`: always `units` wide and as deep as asked, e.g. where drafter and verifier share
+    one compute thread and a build can only follow the verification)."""
 
     name = "enumerate-select"
 
-    def __init__(self, units: int = 8, r: float = 1.0, max_wait_fraction: float = 0.25) -> None:
+    def __init__(self, units: int = 8, r: float = 1.0, max_wait_fraction: float = 0.25, sized: bool = True) -> None:
         self.units = units
         self.r = r
         self.max_wait_fraction = max_wait_fraction
+        self.sized = sized
         self.budget = BuildBudget(units)
 
     @staticmethod
@@ -240,7 +243,7 @@ class EnumerateAndSelect:
             return None
         nodes = _first_chain(ctx.tree)
         chain = [ctx.tree.tokens[n] for n in nodes]
-        units, tokens = self.budget.plan(ctx.next_depth)
+        units, tokens = self.budget.plan(ctx.next_depth) if self.sized else (self.units, ctx.next_depth)
         call = AheadCall(
             session_id=ctx.session_id,
             committed=list(ctx.committed),
