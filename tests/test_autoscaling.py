@@ -63,7 +63,12 @@ def test_policy_wants_demand_over_target_and_one_more_when_drafts_are_late():
     assert policy.desired_replicas(1, {"r1": 0.9}, {"r1": 0.2}) == 2  # 0.9 / 0.5
     assert policy.desired_replicas(2, {"r1": 1.0, "r2": 1.0}, {}) == 4
     assert policy.desired_replicas(3, {"r1": 0.1, "r2": 0.0, "r3": 0.0}, {}) == 1  # scale down
-    assert policy.desired_replicas(2, {"r1": 0.0, "r2": 0.0}, {}) == 0  # Serve clamps to min_replicas
+    assert policy.desired_replicas(2, {"r1": 0.0, "r2": 0.0}, {}) == 0
+    assert policy.desired_replicas(2, {"r1": 0.0, "r2": 0.0}, {}, bounds=(1, 4)) == 1  # never below min_replicas
+    assert policy.desired_replicas(1, {"r1": 3.0}, {}, bounds=(1, 4)) == 4  # nor above max_replicas
+    # short calls queued at the handles: idle-looking replicas, but calls wait in front of them
+    assert policy.desired_replicas(1, {"r1": 0.05}, {}, ongoing=6, target_ongoing=2) == 3
+    assert policy.desired_replicas(1, {}, {}, ongoing=6, target_ongoing=2) == 3
     # busy and late (drafts longer than the verification they must hide behind): one more
     loose = DrafterLoadPolicy(target_utilization=0.8, max_draft_over_verify=1.0)
     assert loose.desired_replicas(2, {"r1": 0.6, "r2": 0.6}, {"r1": 0.9, "r2": 0.8}) == 2  # on time
@@ -76,8 +81,15 @@ def test_policy_reads_serves_context():
         current_num_replicas = 1
         aggregated_metrics = {"drafting_demand": {"replica-a": 1.2}, "draft_over_verify": {"replica-a": 0.3}}
         policy_state = {"kept": True}
+        total_num_requests = 1.0
+        capacity_adjusted_min_replicas, capacity_adjusted_max_replicas = 1, 3
+
+        class config:  # noqa: N801 - Serve's AutoscalingConfig, the field the policy reads
+            target_ongoing_requests = 2.0
 
     assert DrafterLoadPolicy(target_utilization=0.6)(Ctx()) == (2, {"kept": True})
+    Ctx.total_num_requests = 40.0  # a long queue at the handles: as many as allowed
+    assert DrafterLoadPolicy(target_utilization=0.6)(Ctx())[0] == 3
 
 
 def test_drafters_scale_on_drafting_load_and_the_verifier_does_not():

@@ -11,8 +11,10 @@ the drafters, by default, on what drafting itself says (`policy: drafting-load`)
   fit under, as the router reported it in each call);
 * DrafterLoadPolicy, the Serve autoscaling policy of the drafter deployments, wants
   ceil(sum of demand / target_utilization) replicas, one more while drafts do not fit under
-  verification (draft_over_verify above `max_draft_over_verify`) on busy replicas, and hands the
-  number to Serve, which applies min/max_replicas and the up/downscale delays as for any policy.
+  verification (draft_over_verify above `max_draft_over_verify`) on busy replicas, and at least
+  what the calls queued at the handles need (ongoing / target_ongoing_requests: a model-free
+  drafter's calls are so short that its replicas look idle while calls wait in front of them),
+  within min/max_replicas; Serve applies the up/downscale delays as for any policy.
 
 Ongoing requests are a poor drafter signal: a drafter call is short and a round sends one per
 drafter, so the count says little about whether drafting keeps up; busy time does.
@@ -123,20 +125,29 @@ class DrafterLoadPolicy:
         self.target_utilization = target_utilization
         self.max_draft_over_verify = max_draft_over_verify
 
-    def desired_replicas(self, current: int, demand: dict, over_verify: dict) -> int:
-        if not demand:  # nothing reported yet: keep what there is
-            return current
-        total = sum(demand.values())
-        wanted = math.ceil(total / self.target_utilization - 1e-9)
-        late = [r for r in over_verify.values() if r > 0]
-        if late and statistics.median(late) > self.max_draft_over_verify and total / max(current, 1) > 0.5:
-            wanted = max(wanted, current + 1)  # drafts do not fit under verification
-        return max(wanted, 1 if total > 0 else 0)
+    def desired_replicas(self, current: int, demand: dict, over_verify: dict, ongoing: float = 0.0,
+                         target_ongoing: float | None = None, bounds: tuple[int, int] = (0, 1 << 30)) -> int:
+        queue_wanted = math.ceil(ongoing / target_ongoing - 1e-9) if target_ongoing else 0
+        if not demand:  # nothing reported yet: keep what there is, unless calls queue up
+            wanted = max(current, queue_wanted)
+        else:
+            total = sum(demand.values())
+            wanted = math.ceil(total / self.target_utilization - 1e-9)
+            late = [r for r in over_verify.values() if r > 0]
+            if late and statistics.median(late) > self.max_draft_over_verify and total / max(current, 1) > 0.5:
+                wanted = max(wanted, current + 1)  # drafts do not fit under verification
+            wanted = max(wanted, queue_wanted, 1 if total > 0 else 0)
+        low, high = bounds
+        return min(max(wanted, low), high)
 
     def __call__(self, ctx) -> tuple[int, dict]:
         metrics = ctx.aggregated_metrics or {}
-        wanted = self.desired_replicas(ctx.current_num_replicas, metrics.get("drafting_demand", {}),
-                                       metrics.get("draft_over_verify", {}))
+        config = ctx.config
+        wanted = self.desired_replicas(
+            ctx.current_num_replicas, metrics.get("drafting_demand", {}), metrics.get("draft_over_verify", {}),
+            ongoing=ctx.total_num_requests, target_ongoing=getattr(config, "target_ongoing_requests", None),
+            bounds=(ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas),
+        )
         return wanted, ctx.policy_state
 
 
