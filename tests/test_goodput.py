@@ -197,14 +197,20 @@ def test_without_the_cap_speculation_loses_under_load():
 # ---- the verifier -----------------------------------------------------------------------------
 
 
-def test_the_verifier_cuts_shared_passes_to_the_cap_and_says_so(lm):  # noqa: F811
-    verifier = LocalVerifier(lm, max_batch_size=8)
-    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+def deep_calls(n: int) -> list:
+    """n sessions, each with a 6-deep chain its policy wants verified, at acceptance 0.3."""
     calls = []
-    for i in range(4):
+    for i in range(n):
         call = greedy_call(f"s{i}", random_ids(6 + i, seed=i), chain(random_ids(6, seed=10 + i)))
         call.want_depth, call.accept_rates = 6, (0.3,) * 6
         calls.append(call)
+    return calls
+
+
+def test_the_verifier_cuts_shared_passes_to_the_cap_and_says_so(lm):  # noqa: F811
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+    calls = deep_calls(4)
     replies = verifier.verify_batch_sync(calls)
     assert [r.depth_cap for r in replies] == [0] * 4
     assert all(r.path == [] and len(r.tokens) == 1 for r in replies)  # verified as plain steps
@@ -265,11 +271,7 @@ def test_a_lone_call_keeps_the_shared_cap_while_others_are_active(lm):  # noqa: 
     shared again): while other sessions are active a lone call gets the last shared cap."""
     verifier = LocalVerifier(lm, max_batch_size=8)
     verifier.planner.costs = FixedCost(CURVES["compute-bound"])
-    calls = []
-    for i in range(3):
-        call = greedy_call(f"s{i}", random_ids(6 + i, seed=i), chain(random_ids(6, seed=10 + i)))
-        call.want_depth, call.accept_rates = 6, (0.3,) * 6
-        calls.append(call)
+    calls = deep_calls(3)
     assert {r.depth_cap for r in verifier.verify_batch_sync(calls)} == {0}
     lone = greedy_call("s0", calls[0].committed + [1], chain(random_ids(6, seed=40)))
     reply = verifier.verify_batch_sync([lone])[0]

@@ -120,7 +120,7 @@ class LocalVerifier:
 
     Concurrent calls are batched (max_batch_size > 1): calls that arrive while a pass runs form
     the next pass, and `verify_batch_sync` scores all their trees in one forward
-    (models/batched.py). Every clean pass is timed into `pass_costs`; a shared pass first gets the
+    (models/batched.py). Every clean pass is timed into `planner.costs`; a shared pass first gets the
     goodput-maximising depth cap of engine/goodput.py (`goodput_caps=False` turns that off)."""
 
     name = "verifier"
