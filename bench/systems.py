@@ -106,7 +106,8 @@ class Systems:
 
     def engine_for(self, method: Method) -> SpeculativeEngine:
         drafters = [self._drafter_backend(k, method.draft_length) for k in method.drafters]
-        return SpeculativeEngine(self._local_verifier, drafters, dynamic_length=self.setup.dynamic_length)
+        return SpeculativeEngine(self._local_verifier, drafters, dynamic_length=self.setup.dynamic_length,
+                                 min_draft_confidence=method.min_confidence)
 
     def request_for(
         self, method: Method, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int

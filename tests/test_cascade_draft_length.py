@@ -150,3 +150,24 @@ def test_unmeasured_deep_positions_inherit_the_shallow_rate():
     bad = DraftLengthPolicy(16, node_cost=0.05, draft_cost_prior=0.15, measure_step_rounds=0, forget=1.0)
     feed_iid(bad, 0.1, 400, 3)
     assert bad.next_length() == 0
+
+
+def test_deep_prior_floor_lets_depth_grow_past_position_one():
+    """With a confidence stop, unreached positions are priored at >= the floor, so a drafter whose
+    position 1 is mediocre still gets deeper drafts tried (and measured); the data then rules."""
+    def policy(floor: float) -> DraftLengthPolicy:
+        p = DraftLengthPolicy(8, deep_prior_floor=floor)
+        for _ in range(30):  # position 1 accepted 45 % of the time, never deeper than 1
+            p.record(1, 1 if p.rounds_seen % 20 < 9 else 0)
+            p.rounds_seen += 1
+        p.draft_ratios.extend([0.15] * 3)
+        return p
+
+    plain, floored = policy(0.0), policy(0.7)
+    assert plain.acceptance_rates(3)[1] == pytest.approx(plain.acceptance_rates(3)[0])
+    assert floored.acceptance_rates(3)[1] >= 0.7 > floored.acceptance_rates(3)[0]
+    assert floored.best_length() > plain.best_length() >= 1
+    # measured deep rejections win over the floor
+    for _ in range(60):
+        floored.record(3, 1)
+    assert floored.acceptance_rates(3)[1] < 0.3

@@ -197,3 +197,69 @@ def _tiny_decision_lm():
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     return CausalLM(LlamaForCausalLM(config).eval().float(), tokenizer=None, name="tiny")
+
+
+# ---- confidence stop: a chain ends after a token the drafter itself doubted ----------------------
+def _confidences(lm: CausalLM, context: list[int], n: int, params: SamplingParams) -> tuple[list[int], list[float]]:
+    """The full n-token chain (greedy) and the drafter's probability of each of its tokens."""
+    text, tokens, probs = list(context), [], []
+    for _ in range(n):
+        logits = reference_next_logits(lm, text)
+        token = int(logits.argmax())
+        tokens.append(token)
+        probs.append(float(torch.softmax(logits.float(), -1)[token]))
+        text.append(token)
+    return tokens, probs
+
+
+def test_confidence_stop_ends_the_chain_after_the_first_doubted_token(lm):
+    context = random_ids(8, seed=31)
+    full, probs = _confidences(lm, context, 6, SamplingParams())
+    # a threshold just above the k-th token's confidence stops right after it (k kept: its
+    # forward is already paid); thresholds taken from the chain itself, so the test cannot pass
+    # by a chain that never stops
+    k = min(range(5), key=lambda i: probs[i])
+    threshold = min(0.999, probs[k] + 1e-6)
+    expected_len = next(i for i in range(6) if probs[i] < threshold) + 1
+    drafter = LMDrafter(lm)
+    proposal = drafter.propose(context, 6, SamplingParams(), session_id="c", min_confidence=threshold)
+    assert proposal.tokens == full[:expected_len] and expected_len < 6
+    assert drafter.confidence_stops == 1
+    # off (0) drafts the whole chain; the next call of the stopped session still continues right
+    assert LMDrafter(lm).propose(context, 6, SamplingParams()).tokens == full
+    again = drafter.propose(context + full[:expected_len], 6 - expected_len, SamplingParams(), session_id="c",
+                           min_confidence=threshold)
+    assert again.tokens == full[expected_len:expected_len + len(again.tokens)]
+
+
+def test_confidence_stop_when_sampling_uses_the_processed_law(lm):
+    params = SamplingParams(temperature=0.9)
+    context = random_ids(8, seed=32)
+    drafter = LMDrafter(lm)  # tiny random models never reach 0.999
+    proposal = drafter.propose(context, 5, params, torch.Generator().manual_seed(3), min_confidence=0.999)
+    assert len(proposal.tokens) == 1 and proposal.probs.shape[0] == 1
+    assert float(proposal.probs[0, proposal.tokens[0]]) < 0.999
+    with pytest.raises(ValueError, match="min_confidence"):
+        drafter.propose(context, 5, params, min_confidence=1.0)
+
+
+def test_the_loop_sends_its_confidence_stop_to_lm_drafters_and_stays_exact(lm):
+    """DecodeLoop(min_draft_confidence=...) reaches the drafter through DraftCall (and the wire
+    format), lets the policy draft past position 1 (deep prior floor), and greedy output is
+    plain greedy's."""
+    from specserve.engine import GenerationRequest, SpeculativeEngine
+    from specserve.engine.local import LocalDrafter, LocalVerifier
+    from specserve.engine.workers import DraftCall
+    from specserve.serve.convert import draft_call_from_proto, draft_call_to_proto
+
+    call = DraftCall("s", [1, 2], 4, SamplingParams(), 7, min_confidence=0.35)
+    assert draft_call_from_proto(draft_call_to_proto(call)).min_confidence == 0.35
+    drafter = LMDrafter(lm, name="lm")
+    engine = SpeculativeEngine(LocalVerifier(lm), [LocalDrafter(drafter)], min_draft_confidence=0.999)
+    prompt = random_ids(10, seed=33)
+    tokens, stats = engine.run(GenerationRequest(prompt_ids=prompt, max_new_tokens=24, rule="greedy", draft_length=6))
+    assert tokens == lm.plain_generate(prompt, 24, SamplingParams())
+    assert drafter.confidence_stops > 0  # the threshold arrived: every multi-token chain stopped at 1
+    assert all(d == 0 for d in stats.drafted_per_position[1:])
+    with pytest.raises(ValueError, match="min_draft_confidence"):
+        SpeculativeEngine(LocalVerifier(lm), [], min_draft_confidence=1.5)

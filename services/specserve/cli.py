@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .engine.types import LOSSY_RULES, RULES
+from .engine.types import DEFAULT_MIN_DRAFT_CONFIDENCE, LOSSY_RULES, RULES
 
 DEFAULT_VERIFIER = "smollm2-135m"
 DEFAULT_DRAFTERS = ("ngram", "suffix", "prompt-lookup")  # the model-free trio (BENCHMARKS.md section 1)
@@ -59,6 +59,13 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def confidence(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decision-model", type=existing_file, default=None, metavar="FILE",
                    help="MCSD early-stop MLP (from train-decision-model): LM drafters stop a chain when it "
                         "predicts the next token would be rejected (changes draft lengths only)")
+    g.add_argument("--min-draft-confidence", type=confidence, default=DEFAULT_MIN_DRAFT_CONFIDENCE, metavar="P",
+                   help="LM drafters end a chain after a token they gave probability < P (lengths only: "
+                        f"lossless; 0 = off; default {DEFAULT_MIN_DRAFT_CONFIDENCE:g})")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto = bf16 where the CPU/GPU runs it natively, else fp32")
     g.add_argument("--device", default="cpu", help='torch device of the models, e.g. "cuda" (acceptance math stays on the CPU)')
@@ -299,7 +309,8 @@ def run_generate(args: argparse.Namespace) -> int:
         attach_decision_model(args.decision_model, [d.drafter for d in drafters])
     ahead = args.ahead or ("full-acceptance" if args.overlap else "none")
     engine = SpeculativeEngine(LocalVerifier(lm), drafters, dynamic_length=not args.fixed_length,
-                               ahead=None if ahead == "none" else ahead)
+                               ahead=None if ahead == "none" else ahead,
+                               min_draft_confidence=args.min_draft_confidence)
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=args.max_new_tokens,

@@ -51,6 +51,12 @@ class DraftLengthPolicy:
     probe_length: int = 1  # a probe drafts this deep: it re-measures position 1 at the least cost
     measure_step_rounds: int = 2  # verifier-only rounds wanted for timing (forced if missing)
     draft_cost_prior: float = 0.0  # drafting time per position / verifier step, until measured
+    # With a confidence stop (DraftCall.min_confidence) the drafter ends a chain at a token it
+    # doubts, so position d > 1 is reached only after a confident token: its prior is at least
+    # this floor (the threshold), not just position d - 1's estimate. Without it the depth could
+    # never grow past what position 1's unconditional rate allows, since unreached positions are
+    # never measured; with it deep positions are tried, and measured, until the data says no.
+    deep_prior_floor: float = 0.0
     reached: list[float] = field(default_factory=list)  # rounds whose draft reached position d
     accepted: list[float] = field(default_factory=list)  # ... and had position d accepted
     rounds_off: int = 0
@@ -84,7 +90,8 @@ class DraftLengthPolicy:
         """acceptance(d) for d = 1..upto (default max_length), in one pass."""
         rates, estimate = [], self.prior_accept
         for d in range(1, (self.max_length if upto is None else upto) + 1):
-            estimate = (self.accepted[d - 1] + self.prior_weight * estimate) / (self.reached[d - 1] + self.prior_weight)
+            prior = max(estimate, self.deep_prior_floor) if d > 1 else estimate
+            estimate = (self.accepted[d - 1] + self.prior_weight * prior) / (self.reached[d - 1] + self.prior_weight)
             rates.append(estimate)
         return rates
 

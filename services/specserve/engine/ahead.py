@@ -56,6 +56,7 @@ class AheadContext:
     accept_rates: Sequence[float]  # the policy's per-position acceptance estimates
     drafters: Sequence[DrafterBackend]
     draft_all: Callable[[Sequence[DrafterBackend], DraftCall], Awaitable[list[TokenTree]]]
+    min_confidence: float = 0.0  # the loop's confidence stop for chains (DraftCall.min_confidence)
 
     @property
     def stamp(self) -> str:
@@ -113,6 +114,7 @@ class FullAcceptanceBet:
             seed=ctx.seed,
             coupling=ctx.coupling,
             rule=ctx.rule,
+            min_confidence=ctx.min_confidence,
         )
         return AheadBuild(asyncio.ensure_future(ctx.draft_all(ctx.drafters, call)), ctx.stamp)
 

@@ -49,6 +49,8 @@ class LocalDrafter:
         self._lock = threading.Lock()  # a timed-out call may still run: never two at once
         # drafters with per-session caches take the session id (keeps concurrent requests apart)
         self._session_kw = "session_id" in inspect.signature(drafter.propose).parameters
+        # LM drafters can end a chain at a token they doubt (DraftCall.min_confidence)
+        self._confidence_kw = "min_confidence" in inspect.signature(drafter.propose).parameters
         self._tree_drafter = callable(getattr(drafter, "propose_tree", None))
         # an LM drafter can build the next round ahead, for several outcomes (engine/ahead.py)
         self.can_draft_ahead = callable(getattr(drafter, "propose_ahead", None))
@@ -62,13 +64,14 @@ class LocalDrafter:
         started = time.perf_counter()
         generator = generator_for(call.seed, f"drafter:{self.name}")
         extra = {"session_id": call.session_id} if self._session_kw else {}
+        chain_extra = {**extra, "min_confidence": call.min_confidence} if self._confidence_kw else extra
         with self._lock:
             if call.roots is not None:  # mcsd-ti (LOSSY): one chain under each target root
                 tree = TokenTree()
                 for root in call.roots:
                     node = tree.propose(ROOT, root, None, TARGET_ROOT)
                     proposal = self.drafter.propose(
-                        [*call.committed, root], call.num_tokens, call.sampling, generator, **extra
+                        [*call.committed, root], call.num_tokens, call.sampling, generator, **chain_extra
                     )
                     tree.add_sequence(proposal.tokens[: call.num_tokens], proposal.probs, self.name, parent=node)
             elif call.tree_config:
@@ -88,7 +91,7 @@ class LocalDrafter:
                         p.drafter = self.name  # credited under this backend's name, like chains
             else:
                 proposal = self.drafter.propose(
-                    call.committed, call.num_tokens, call.sampling, generator, **extra
+                    call.committed, call.num_tokens, call.sampling, generator, **chain_extra
                 )
                 tree = TokenTree()
                 tree.add_sequence(proposal.tokens[: call.num_tokens], proposal.probs, drafter=self.name)

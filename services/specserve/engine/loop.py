@@ -32,7 +32,7 @@ from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
 from .merge import drafted_by_drafter, merge_trees
-from .types import GenerationRequest, GenerationStats, RoundResult
+from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class DecodeLoop:
     is then the maximum); False drafts exactly request.draft_length every round.
     overlap_drafting: draft the next round while the verifier checks this one (module doc); it
     pays when drafters and verifier run on different devices, not when they share CPU cores.
+    min_draft_confidence: LM drafters end a chain after a token they gave less than this
+    (DraftCall.min_confidence; lengths only, so lossless), and the draft-length policy lets depth
+    grow past position 1's rate (cascade/draft_length.py, deep_prior_floor). 0 = off.
     """
 
     def __init__(
@@ -67,7 +70,10 @@ class DecodeLoop:
         node_cost: float = 0.01,
         overlap_drafting: bool = False,
         ahead: DraftingAhead | str | None = None,
+        min_draft_confidence: float = DEFAULT_MIN_DRAFT_CONFIDENCE,
     ) -> None:
+        if not 0.0 <= min_draft_confidence < 1.0:
+            raise ValueError(f"min_draft_confidence must be in [0, 1), got {min_draft_confidence}")
         names = [d.name for d in drafters]
         if len(set(names)) != len(names):
             raise ValueError(f"drafter names must be unique, got {names}")
@@ -76,6 +82,7 @@ class DecodeLoop:
         self.draft_timeout_s = draft_timeout_s
         self.dynamic_length = dynamic_length
         self.node_cost = node_cost
+        self.min_draft_confidence = min_draft_confidence
         self.overlap_drafting = overlap_drafting
         # how the next round is drafted during verification (engine/ahead.py); overlap_drafting is
         # the full-acceptance bet's old name
@@ -127,7 +134,8 @@ class DecodeLoop:
             max_depth = request.draft_length
         else:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
-        policy = DraftLengthPolicy(max_depth, node_cost=self.node_cost) if self.dynamic_length else None
+        policy = (DraftLengthPolicy(max_depth, node_cost=self.node_cost, deep_prior_floor=self.min_draft_confidence)
+                  if self.dynamic_length else None)
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
@@ -169,6 +177,7 @@ class DecodeLoop:
                     roots=list(roots) if ti else None,
                     rule=request.rule,
                     verify_window_s=last_verify_seconds,
+                    min_confidence=self.min_draft_confidence,
                 )
                 trees = await self._draft_all(round_drafters, call)
                 draft_seconds = time.perf_counter() - started
@@ -191,7 +200,7 @@ class DecodeLoop:
                     sampling=request.sampling, rule=request.rule, coupling=coupling,
                     next_depth=min(next_depth, max_depth, remaining - (tree.max_depth if len(tree) else 0) - 2),
                     accept_rates=policy.acceptance_rates() if policy else (),
-                    drafters=drafters, draft_all=self._draft_all,
+                    drafters=drafters, draft_all=self._draft_all, min_confidence=self.min_draft_confidence,
                 )
                 build = ahead_strategy.start(ahead_ctx)
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from ..sampling.params import SamplingParams
 
+# LM drafters end a chain after a token they gave less than this (models/drafters.py: only draft
+# lengths change, so it is lossless). BENCHMARKS.md section 2 measures the choice.
+DEFAULT_MIN_DRAFT_CONFIDENCE = 0.0
+
 # Acceptance rules. Lossless unless listed in LOSSY_RULES.
 RULES = ("greedy", "sps", "cactus", "tas", "rrs", "rrs-wor", "spechub", "mcsd-ti")
 LOSSY_RULES = frozenset({"cactus", "tas", "mcsd-ti"})  # mcsd-ti = improved MCSD root selection: LOSSY

@@ -37,6 +37,8 @@ class DraftCall:
     # the request's last verification time (0 = none yet): drafting should fit under it; drafter
     # deployments report draft time / this to their autoscaler (serve/autoscaling.py)
     verify_window_s: float = 0.0
+    # LM drafters end the chain after a token they gave less than this (0 = off; lengths only)
+    min_confidence: float = 0.0
 
 
 @dataclass

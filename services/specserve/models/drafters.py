@@ -52,6 +52,12 @@ def _fit_vocab(probs: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     return torch.cat([probs, pad], dim=-1)
 
 
+def _top_probability(logits: torch.Tensor) -> float:
+    """softmax(logits).max() without building the softmax: 1 / sum exp(l - max)."""
+    top = logits.max()
+    return float(1.0 / torch.exp(logits.float() - top).sum())
+
+
 class LMDrafter:
     """Drafts with any causal LM that shares the verifier's tokenizer."""
 
@@ -76,6 +82,7 @@ class LMDrafter:
         self.decision_model = decision_model
         self.decision_threshold = decision_threshold
         self.early_stops = 0  # chains cut short by the decision model (for stats and tests)
+        self.confidence_stops = 0  # chains ended by the confidence stop (propose's min_confidence)
 
     def propose(
         self,
@@ -84,9 +91,18 @@ class LMDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
         session_id: str = "",
+        min_confidence: float = 0.0,
     ) -> DraftProposal:
-        """A chain of `num_tokens` tokens, each drawn from the processed law after the previous
-        ones. `hidden[i]` is the last-layer state that produced the law of token i."""
+        """A chain of up to `num_tokens` tokens, each drawn from the processed law after the
+        previous ones. `hidden[i]` is the last-layer state that produced the law of token i.
+
+        Confidence stop (as transformers' assistant_confidence_threshold): the chain ends after a
+        token the drafter itself gave less than `min_confidence` (its probability at T = 1 under
+        greedy, under the processed law when sampling). Its forward is paid, so that token is
+        kept; what is saved is drafting past it, where acceptance collapses. Only lengths change:
+        every rule stays exactly as lossless as it was."""
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence}")
         session = self.sessions.get(session_id)
         session.sync(context)
         tokens: list[int] = []
@@ -104,12 +120,17 @@ class LMDrafter:
                 hidden.append(session.next_hidden())
             if params.greedy:  # the processed row is one-hot at the argmax: a deterministic proposal
                 token = int(logits.argmax())
+                confident = min_confidence <= 0 or _top_probability(logits) >= min_confidence
             else:
                 probs = _fit_vocab(process_logits(logits, params), self.target_vocab_size)
                 token = sample_token(probs, generator)
                 rows.append(probs)
+                confident = float(probs[token]) >= min_confidence
             tokens.append(token)
             session.append(token)  # lazy: the last token's forward only runs if asked for
+            if not confident and i + 1 < num_tokens:
+                self.confidence_stops += 1
+                break
         if params.greedy:
             probs_out = None  # one-hot rows, implied (models/base.py): nothing vocabulary-sized to ship
         else:

@@ -161,6 +161,7 @@ def draft_call_to_proto(call: DraftCall, row_encoding: int = int_pb.ROW_ENCODING
         roots=list(call.roots or ()),
         has_roots=call.roots is not None,
         verify_window_s=call.verify_window_s,
+        min_confidence=call.min_confidence,
     )
 
 
@@ -176,6 +177,7 @@ def draft_call_from_proto(msg: int_pb.DraftCall) -> DraftCall:
         coupling=_COUPLING_FROM_PB[msg.coupling],
         roots=list(msg.roots) if msg.has_roots else None,
         verify_window_s=msg.verify_window_s,
+        min_confidence=msg.min_confidence,
     )
 
 

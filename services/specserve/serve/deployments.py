@@ -262,7 +262,8 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
     options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait} \
         if settings.ahead == "enumerate-select" else {}
     loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
-                      ahead=make_strategy(settings.ahead, **options))
+                      ahead=make_strategy(settings.ahead, **options),
+                      min_draft_confidence=settings.min_draft_confidence)
     # recorded through ray.serve.metrics: Ray's metrics agent exports them with the replica tags
     return GenerationService(loop, AutoTokenizer.from_pretrained(path), model, metrics=ServeMetrics(backend="ray"))
 

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, Field
 
 from ..v1 import generation_pb2 as gen_pb
+from ..engine.types import DEFAULT_MIN_DRAFT_CONFIDENCE
 from .auth import APIKeys, GrpcKeyInterceptor, check_exposure
 from .metrics import ServeMetrics
 from .service import GenerationService, ServiceError
@@ -40,6 +41,8 @@ class ModelsConfig(BaseModel):
     # or another causal LM sharing the verifier's tokenizer
     drafters: list[str] = Field(default_factory=lambda: ["ngram", "suffix", "prompt-lookup"])
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # LM drafters end a chain after a token they gave less than this (lossless: lengths only)
+    min_draft_confidence: float = Field(DEFAULT_MIN_DRAFT_CONFIDENCE, ge=0, lt=1)
     max_sessions: int = Field(64, ge=1)
     draft_timeout_s: float | None = Field(None, gt=0)
     # concurrent requests' verification passes merged into one forward (1 = never batch)
@@ -226,7 +229,7 @@ def build_local_service(config: ServerConfig, metrics: ServeMetrics | None = Non
     lm = CausalLM.load(m.verifier, dtype=m.dtype)
     drafters = make_local_drafters(m.drafters, lm)  # the same drafter specs as `specserve generate`
     verifier = LocalVerifier(lm, max_sessions=m.max_sessions, max_batch_size=m.max_verify_batch)
-    loop = DecodeLoop(verifier, drafters, draft_timeout_s=m.draft_timeout_s)
+    loop = DecodeLoop(verifier, drafters, draft_timeout_s=m.draft_timeout_s, min_draft_confidence=m.min_draft_confidence)
     return GenerationService(
         loop,
         lm.tokenizer,

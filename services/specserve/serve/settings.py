@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..engine.types import DEFAULT_MIN_DRAFT_CONFIDENCE
+
 DrafterKind = Literal["ngram", "small", "medium"]
 DRAFTER_KINDS: tuple[DrafterKind, ...] = ("ngram", "small", "medium")
 
@@ -168,6 +170,9 @@ class AppSettings(_Strict):
     # fraction of that verification's time, before the round drafts without it
     ahead_max_wait: float = Field(0.25, ge=0)
     ahead_units: int = Field(8, ge=1)  # enumerate-select: branches built per round
+    # the router asks LM drafters to end a chain after a token they gave less than this
+    # (DraftCall.min_confidence; lengths only, so lossless; 0 = off)
+    min_draft_confidence: float = Field(DEFAULT_MIN_DRAFT_CONFIDENCE, ge=0, lt=1)
 
     @property
     def ahead(self) -> str | None:
