@@ -48,7 +48,7 @@ def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
 
 
 def test_speculation_turns_off_when_it_does_not_pay_and_probes_again():
-    policy = DraftLengthPolicy(4, node_cost=0.05, probe_every=5, measure_step_rounds=0)
+    policy = DraftLengthPolicy(4, node_cost=0.2, probe_every=5, measure_step_rounds=0)
     feed_iid(policy, 0.0, 200, 4)  # nothing is ever accepted
     lengths = []
     for _ in range(16):
@@ -59,6 +59,20 @@ def test_speculation_turns_off_when_it_does_not_pay_and_probes_again():
     assert lengths == [0, 0, 0, 0, 1] + [0] * 9 + [1, 0]
     feed_iid(policy, 1.0, 60, 4)  # the text became predictable (e.g. copying the prompt)
     assert policy.next_length() == 4
+
+
+def test_a_drafter_near_break_even_keeps_being_probed():
+    """One failed probe is one Bernoulli draw: a drafter just below break-even is not backed off
+    (it is probed every probe_every rounds), a clearly bad one is (previous test)."""
+    policy = DraftLengthPolicy(4, node_cost=0.2, probe_every=5, measure_step_rounds=0)
+    feed_iid(policy, 0.15, 200, 1, seed=3)  # break-even is 0.2 per position; 0.15 is close
+    assert policy.best_length() == 0 and policy.acceptance(1) > 0.5 * 0.2
+    lengths = []
+    for _ in range(20):
+        k = policy.next_length()
+        lengths.append(k)
+        policy.record(k, 0)  # every probe fails
+    assert [i for i, k in enumerate(lengths) if k] == [4, 9, 14, 19]
 
 
 def test_verifier_only_step_is_timed_early_and_fixes_the_cost_model():

@@ -49,6 +49,9 @@ class DraftLengthPolicy:
     probe_every: int = 8  # rounds between probes while speculation is off (first interval)
     max_probe_every: int = 64  # a probe that did not pay doubles the interval, up to this
     probe_length: int = 1  # a probe drafts this deep: it re-measures position 1 at the least cost
+    # a failed probe doubles the interval only if position 1's rate is below this share of its
+    # break-even rate (cost(1) - 1: what one drafted position must bring to pay for itself)
+    backoff_below: float = 0.5
     measure_step_rounds: int = 2  # verifier-only rounds wanted for timing (forced if missing)
     draft_cost_prior: float = 0.0  # drafting time per position / verifier step, until measured
     # With a confidence stop (DraftCall.min_confidence) the drafter ends a chain at a token it
@@ -185,10 +188,15 @@ class DraftLengthPolicy:
         accepted; the verifier scored `tree_nodes` nodes (default: drafted_depth) in verify_seconds
         (0 = not timed, e.g. a round that included the prompt prefill)."""
         n = drafted_depth if tree_nodes is None else tree_nodes
-        if self.probing and drafted_depth > 0:  # back off exponentially while probes do not pay
+        if self.probing and drafted_depth > 0:
+            # back off exponentially only while the drafter is clearly bad: one probe is one
+            # Bernoulli draw, and a drafter near break-even fails half of them, so doubling on
+            # every failed probe switched good-enough drafters off for the rest of a request
             paid = accepted_length + 1 >= self.cost(drafted_depth, n / drafted_depth)
             interval = self.probe_interval or self.probe_every
-            self.probe_interval = self.probe_every if paid else min(2 * interval, self.max_probe_every)
+            clearly_bad = self.acceptance(1) < self.backoff_below * max(self.cost(1, n / drafted_depth) - 1.0, 0.0)
+            self.probe_interval = (min(2 * interval, self.max_probe_every) if not paid and clearly_bad
+                                   else self.probe_every)
             self.probing = False
         if verify_seconds > 0 and n == 0:
             self.step_rounds += 1
