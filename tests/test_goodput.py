@@ -279,3 +279,51 @@ def test_a_lone_call_keeps_the_shared_cap_while_others_are_active(lm):  # noqa: 
     for _ in range(8):  # the others go quiet: their sessions leave the planner's memory
         verifier.verify_batch_sync([greedy_call("s0", lone.committed, chain([]))])
     assert verifier.verify_batch_sync([greedy_call("s0", lone.committed, chain([3]))])[0].depth_cap == -1
+
+
+def test_exploration_is_said_and_filled_by_the_model_free_drafters(lm):  # noqa: F811
+    """An exploring pass (cap raised one deeper to measure those rows) says so in its replies, and
+    the loop's next round drafts with the model-free drafters only: an LM drafter would pay a
+    catch-up prefill of everything since its last draft just to fill rows being measured."""
+    planner = PassPlanner(explore_every=2)
+    planner.costs = fitted(CURVES["compute-bound"], rows=(1, 2, 4, 6))
+    demands = [CallDemand(want=6, rates=(0.3,) * 6) for _ in range(4)]
+    caps = [(planner.depth_cap(demands), planner.explored) for _ in range(4)]
+    assert caps[0] == (0, False) and caps[1] == (1, True)  # the 2nd pass explores cap 1
+    assert not caps[2][1]  # the pass after lets that depth through once, not itself exploring
+
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner = PassPlanner(explore_every=1)
+    verifier.planner.costs = fitted(CURVES["compute-bound"], rows=(1, 2, 4, 6))
+    replies = verifier.verify_batch_sync(deep_calls(4))
+    assert all(r.explore and r.depth_cap == 1 for r in replies)
+
+    class Recording(LocalDrafter):
+        def __init__(self, drafter, name):
+            super().__init__(drafter, name)
+            self.calls = 0
+
+        async def draft(self, call):
+            self.calls += 1
+            return await super().draft(call)
+
+    class Exploring:  # a verifier that always answers "explore at cap 2"
+        name = "verifier"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def verify(self, call):
+            reply = await self.inner.verify(call)
+            reply.depth_cap, reply.explore = 2, True
+            return reply
+
+    lm_drafter = Recording(LMDrafter(lm, name="lm"), "lm")
+    free = Recording(PromptLookupDrafter(), "prompt-lookup")
+    assert free.model_free and not lm_drafter.model_free
+    loop = DecodeLoop(Exploring(LocalVerifier(lm)), [lm_drafter, free])
+    prompt = random_ids(8, seed=5) * 2
+    tokens, _ = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy",
+                                                            draft_length=4)))
+    assert tokens == lm.plain_generate(prompt, 12, SamplingParams())
+    assert free.calls > 0 and lm_drafter.calls == 0

@@ -182,6 +182,7 @@ class PassPlanner:
         # makes the others wait and desynchronises them, and then no pass is shared any more
         self._recent: deque = deque(maxlen=memory_passes)
         self.last_cap = -1
+        self.explored = False  # the last shared cap was raised for exploration
 
     def saw(self, session_ids: Sequence[str]) -> None:
         """A pass ran with these sessions."""
@@ -196,6 +197,7 @@ class PassPlanner:
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
         self.shared_passes += 1
+        self.explored = False
         choice = choose_depth_cap(demands, self.costs)
         if choice is None:
             return -1
@@ -204,5 +206,6 @@ class PassPlanner:
             rows = len(demands) * max(d.feed(cap + 1) for d in demands)
             if rows > self.costs.largest_rows():
                 cap = self._let_through = cap + 1
+                self.explored = True
         self.last_cap = cap
         return cap

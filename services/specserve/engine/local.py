@@ -59,6 +59,7 @@ class LocalDrafter:
         lm = getattr(drafter, "lm", None)
         self.device = "none" if getattr(drafter, "model_free", False) else getattr(lm, "device", "cpu")
         self.lane = getattr(lm, "compute_lane", 0)
+        self.model_free = self.device == "none"  # drafts cost ~nothing (what exploration uses)
 
     def draft_sync(self, call: DraftCall) -> DraftReply:
         started = time.perf_counter()
@@ -212,10 +213,11 @@ class LocalVerifier:
             alone, batched = sorted(alone + batched), []
         if self.goodput_caps:
             self.planner.saw([calls[i].session_id for i in batched or alone])
-        cap = -1
+        cap, explore = -1, False
         if batched:
             started = time.perf_counter()
             cap = self._depth_cap([calls[i] for i in batched])
+            explore = self.goodput_caps and self.planner.explored
             if cap >= 0:  # cutting a draft is lossless: the verifier just sees fewer candidates
                 calls = list(calls)
                 for i in batched:
@@ -255,7 +257,7 @@ class LocalVerifier:
                 results[i] = exc
         for i in batched:  # their trees were cut to the cap (also when re-verified alone)
             if isinstance(results[i], VerifyReply):
-                results[i].depth_cap = cap
+                results[i].depth_cap, results[i].explore = cap, explore
         return results  # type: ignore[return-value]
 
     def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:

@@ -57,7 +57,8 @@ class DecodeLoop:
     pays when drafters and verifier run on different devices, not when they share CPU cores.
     min_draft_confidence: LM drafters end a chain after a token they gave less than this
     (DraftCall.min_confidence; lengths only, so lossless), and the draft-length policy lets depth
-    grow past position 1's rate (cascade/draft_length.py, deep_prior_floor). 0 = off.
+    grow past position 1's rate (cascade/draft_length.py, deep_prior_floor). 0 = off; off too
+    without the dynamic length (a fixed length drafts exactly that).
     """
 
     def __init__(
@@ -82,7 +83,8 @@ class DecodeLoop:
         self.draft_timeout_s = draft_timeout_s
         self.dynamic_length = dynamic_length
         self.node_cost = node_cost
-        self.min_draft_confidence = min_draft_confidence
+        # a fixed length means exactly that length: the confidence stop is part of the dynamic one
+        self.min_draft_confidence = min_draft_confidence if dynamic_length else 0.0
         self.overlap_drafting = overlap_drafting
         # how the next round is drafted during verification (engine/ahead.py); overlap_drafting is
         # the full-acceptance bet's old name
@@ -134,7 +136,10 @@ class DecodeLoop:
             max_depth = request.draft_length
         else:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
-        policy = (DraftLengthPolicy(max_depth, node_cost=self.node_cost, deep_prior_floor=self.min_draft_confidence)
+        # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
+        stops_itself = any(not getattr(d, "model_free", False) for d in drafters)
+        policy = (DraftLengthPolicy(max_depth, node_cost=self.node_cost,
+                                    deep_prior_floor=self.min_draft_confidence if stops_itself else 0.0)
                   if self.dynamic_length else None)
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
@@ -144,6 +149,7 @@ class DecodeLoop:
         round_index = 0
         nodes_per_position = 1.0
         depth_cap = -1  # the verifier's cap from the last round (-1 = none)
+        explore = False  # that cap was raised only to measure deeper rows (VerifyReply.explore)
         last_verify_seconds = 0.0  # what drafting should fit under (drafters' scaling signal)
         while generated < request.max_new_tokens:
             started = time.perf_counter()
@@ -163,6 +169,8 @@ class DecodeLoop:
             drafted_ahead = depth > 0 and bool(ahead_trees)
             # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
             round_drafters = ahead_strategy.fallback_drafters(drafters) if ahead_missed else drafters
+            if explore:  # rows to measure, not drafts to bet on: the free drafters fill them
+                round_drafters = [d for d in round_drafters if getattr(d, "model_free", False)] or round_drafters
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
             elif depth > 0 and round_drafters:
@@ -236,7 +244,7 @@ class DecodeLoop:
                     raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")
                 roots = list(reply.next_roots)
             verify_seconds = time.perf_counter() - verify_started
-            depth_cap = reply.depth_cap
+            depth_cap, explore = reply.depth_cap, reply.explore
             last_verify_seconds = verify_seconds
             if depth_cap >= 0 and len(tree) and tree.max_depth > depth_cap:
                 # the verifier cut the tree to the shared pass's cap: account for what it verified

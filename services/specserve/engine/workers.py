@@ -106,6 +106,9 @@ class VerifyReply:
     # the depth cap of the shared pass this call ran in (its tree was cut to it; the next draft
     # should be no deeper); -1 = no cap (the call had the pass to itself)
     depth_cap: int = -1
+    # the cap was raised one deeper only to measure those rows' cost (engine/goodput.py): the
+    # next round drafts them with model-free drafters (free drafts fill rows as well as an LM's)
+    explore: bool = False
 
 
 class DrafterBackend(Protocol):

@@ -279,6 +279,7 @@ def verify_reply_to_proto(reply: VerifyReply) -> int_pb.VerifyReply:
         seconds=reply.seconds,
         next_roots=reply.next_roots,
         depth_cap=reply.depth_cap,
+        explore=reply.explore,
     )
 
 
@@ -290,6 +291,7 @@ def verify_reply_from_proto(msg: int_pb.VerifyReply) -> VerifyReply:
         seconds=msg.seconds,
         next_roots=list(msg.next_roots),
         depth_cap=msg.depth_cap,
+        explore=msg.explore,
     )
 
 

@@ -64,6 +64,7 @@ class RemoteDrafter:
                  affinity: bool = True, can_draft_ahead: bool = False) -> None:
         self.name = name
         self.can_draft_ahead = can_draft_ahead  # an LM drafter deployment (engine/ahead.py)
+        self.model_free = not can_draft_ahead  # the n-gram deployment: its drafts cost ~nothing
         self._handle = handle
         self._timeout_s = timeout_s
         self._grpc_transport = grpc_transport

@@ -211,7 +211,7 @@ class VerifyCall(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
-    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots", "depth_cap")
+    __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots", "depth_cap", "explore")
     class AcceptedByDrafterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,10 +225,12 @@ class VerifyReply(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROOTS_FIELD_NUMBER: _ClassVar[int]
     DEPTH_CAP_FIELD_NUMBER: _ClassVar[int]
+    EXPLORE_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     path: _containers.RepeatedScalarFieldContainer[int]
     accepted_by_drafter: _containers.ScalarMap[str, int]
     seconds: float
     next_roots: _containers.RepeatedScalarFieldContainer[int]
     depth_cap: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ..., depth_cap: _Optional[int] = ...) -> None: ...
+    explore: bool
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ..., depth_cap: _Optional[int] = ..., explore: _Optional[bool] = ...) -> None: ...
