@@ -185,3 +185,15 @@ def test_deep_prior_floor_lets_depth_grow_past_position_one():
     for _ in range(60):
         floored.record(3, 1)
     assert floored.acceptance_rates(3)[1] < 0.3
+
+
+def test_the_load_policy_sees_mean_drafting_seconds_with_catch_ups():
+    """The request's own depth uses the median cost (a catch-up prefill is an outlier there); the
+    verifier's load policy gets the mean, catch-ups included: other streams wait through them."""
+    policy = DraftLengthPolicy(4)
+    policy.record(0, 0, 0.0, 0.5, tree_nodes=0)
+    for seconds in (10.0, 0.4, 0.4, 0.4, 4.4):  # a prompt prefill, steady rounds, a catch-up
+        policy.record(4, 2, draft_seconds=seconds, verify_seconds=0.5)
+    assert policy.draft_cost == pytest.approx(0.4 / (4 * 0.5))  # the median of the later rounds
+    assert policy.draft_seconds_per_position() == pytest.approx(15.6 / 20)
+    assert DraftLengthPolicy(4).draft_seconds_per_position() == 0.0

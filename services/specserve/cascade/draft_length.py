@@ -72,6 +72,7 @@ class DraftLengthPolicy:
     tree_times: deque = field(default_factory=deque)  # recent (nodes, verify seconds) of tree rounds
     draft_rounds: int = 0  # rounds that drafted (timed or not)
     draft_ratios: deque = field(default_factory=deque)  # recent draft seconds / (depth * verify seconds)
+    draft_spend: deque = field(default_factory=deque)  # recent (draft seconds, drafted depth), every drafting round
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -130,8 +131,14 @@ class DraftLengthPolicy:
         return statistics.median(self.draft_ratios) if self.draft_ratios else self.draft_cost_prior
 
     def draft_seconds_per_position(self) -> float:
-        """The drafting cost in seconds (what the verifier's load policy weighs, engine/goodput.py)."""
-        return self.draft_cost * statistics.median(self.step_times) if self.step_times else 0.0
+        """Drafting seconds per drafted position as the verifier's load policy must weigh them
+        (engine/goodput.py): the MEAN over recent drafting rounds, the first one and catch-ups
+        included. Under load an LM drafter that sat out capped rounds first re-prefills everything
+        since its last draft; the median (right for this request's own depth) hides those rounds,
+        but the other streams in the pass wait through them all."""
+        seconds = sum(s for s, _ in self.draft_spend)
+        positions = sum(p for _, p in self.draft_spend)
+        return seconds / positions if positions else 0.0
 
     def cost(self, k: int, nodes_per_position: float = 1.0, measured: tuple[float, float] | None | bool = False) -> float:
         if k == 0:
@@ -216,6 +223,10 @@ class DraftLengthPolicy:
         for d in range(1, min(accepted_length, self.max_length) + 1):
             self.accepted[d - 1] += 1.0
         self.draft_rounds += 1
+        if draft_seconds > 0:
+            self.draft_spend.append((draft_seconds, drafted_depth))
+            if len(self.draft_spend) > self.window:
+                self.draft_spend.popleft()
         # a neural drafter's first round also prefills the whole prompt into its own cache: a
         # one-off cost that must not count as per-token drafting cost (it would switch
         # speculation off for dozens of rounds)
