@@ -195,5 +195,5 @@ def test_the_load_policy_sees_mean_drafting_seconds_with_catch_ups():
     for seconds in (10.0, 0.4, 0.4, 0.4, 4.4):  # a prompt prefill, steady rounds, a catch-up
         policy.record(4, 2, draft_seconds=seconds, verify_seconds=0.5)
     assert policy.draft_cost == pytest.approx(0.4 / (4 * 0.5))  # the median of the later rounds
-    assert policy.draft_seconds_per_position() == pytest.approx(15.6 / 20)
+    assert policy.draft_seconds_per_position() == pytest.approx(5.6 / 16)  # the prompt prefill left out
     assert DraftLengthPolicy(4).draft_seconds_per_position() == 0.0

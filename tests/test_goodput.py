@@ -19,7 +19,7 @@ import pytest
 
 from specserve.cascade.draft_length import DraftLengthPolicy
 from specserve.engine import GenerationRequest
-from specserve.engine.goodput import CallDemand, PassCostModel, PassPlanner, choose_depth_cap
+from specserve.engine.goodput import CallDemand, CatchUpCost, PassCostModel, PassPlanner, choose_depth_cap
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.engine.loop import DecodeLoop
 from specserve.models.drafters import LMDrafter
@@ -327,3 +327,21 @@ def test_exploration_is_said_and_filled_by_the_model_free_drafters(lm):  # noqa:
                                                             draft_length=4)))
     assert tokens == lm.plain_generate(prompt, 12, SamplingParams())
     assert free.calls > 0 and lm_drafter.calls == 0
+
+
+def test_catch_up_cost_is_learnt_per_token_and_keeps_cold_streams_capped():
+    """A stream whose LM drafter sat out capped rounds pays a re-read of the unseen text before it
+    drafts again; weighed once per call, it keeps the cap at 0 where per-position costs alone
+    would open it, and is ignored for the few tokens of a normal round."""
+    cost = CatchUpCost(min_tokens=16)
+    assert cost.seconds_for(500) == 0.0  # nothing learnt yet
+    cost.record(2.0, 500)  # a new request's first draft read its 500-token prompt in 2 s
+    cost.record(0.5, 3)  # a normal round: not a catch-up sample
+    assert cost.seconds_for(250) == pytest.approx(1.0) and cost.seconds_for(3) == 0.0
+
+    model = fitted(CURVES["cpu-avx2"])
+    warm = [CallDemand(want=2, rates=(0.8, 0.8), draft_seconds=0.02) for _ in range(2)]
+    assert choose_depth_cap(warm, model).cap >= 1  # warm drafters: drafting pays
+    cold = [CallDemand(want=2, rates=(0.8, 0.8), draft_seconds=0.02, catch_up_seconds=cost.seconds_for(300))
+            for _ in range(2)]
+    assert choose_depth_cap(cold, model).cap == 0  # 1.2 s of re-reading per call does not

@@ -83,7 +83,8 @@ def test_lossy_rules_use_fp16_and_rowless_rules_send_nothing():
 def test_internal_calls_round_trip():
     tree = _tree()
     sampling = SamplingParams(temperature=0.8, top_k=5, top_p=0.9)
-    call = DraftCall("s1", [1, 2, 3], 4, sampling, seed=2**63 + 5, tree_config=(2, 1), coupling="hub")
+    call = DraftCall("s1", [1, 2, 3], 4, sampling, seed=2**63 + 5, tree_config=(2, 1), coupling="hub",
+                     min_confidence=0.75)
     back = convert.draft_call_from_proto(
         int_pb.DraftCall.FromString(convert.draft_call_to_proto(call, int_pb.ROW_ENCODING_FP16).SerializeToString())
     )
@@ -97,8 +98,11 @@ def test_internal_calls_round_trip():
     assert (vback.session_id, vback.committed, vback.sampling, vback.rule, vback.rule_params, vback.seed) == (
         "s1", [1, 2], sampling, "spechub", RuleParams(0.3, 0.1, 0.2), 7)
     _same_tree(tree, vback.tree)
+    vcall.catch_up_seconds, vcall.draft_seconds = 1.25, 0.5  # the load policy's inputs
+    vback = convert.verify_call_from_proto(convert.verify_call_to_proto(vcall))
+    assert (vback.catch_up_seconds, vback.draft_seconds) == (1.25, 0.5)
 
-    vreply = VerifyReply([5, 9, 2], [0, 3], {"lm": 1, "small": 1}, 0.5)
+    vreply = VerifyReply([5, 9, 2], [0, 3], {"lm": 1, "small": 1}, 0.5, depth_cap=2, explore=True)
     assert convert.verify_reply_from_proto(convert.verify_reply_to_proto(vreply)) == vreply
 
 

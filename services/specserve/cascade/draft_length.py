@@ -132,10 +132,12 @@ class DraftLengthPolicy:
 
     def draft_seconds_per_position(self) -> float:
         """Drafting seconds per drafted position as the verifier's load policy must weigh them
-        (engine/goodput.py): the MEAN over recent drafting rounds, the first one and catch-ups
-        included. Under load an LM drafter that sat out capped rounds first re-prefills everything
-        since its last draft; the median (right for this request's own depth) hides those rounds,
-        but the other streams in the pass wait through them all."""
+        (engine/goodput.py): the MEAN over recent drafting rounds, catch-ups included. Under load
+        an LM drafter that sat out capped rounds first re-prefills everything since its last draft;
+        the median (right for this request's own depth) hides those rounds, but the other streams
+        in the pass wait through them all. The first drafting round is left out: its prompt
+        prefill is paid once, whatever the caps decide later (counted, it held the cap at 0 for
+        good, since capped rounds never dilute it)."""
         seconds = sum(s for s, _ in self.draft_spend)
         positions = sum(p for _, p in self.draft_spend)
         return seconds / positions if positions else 0.0
@@ -223,7 +225,7 @@ class DraftLengthPolicy:
         for d in range(1, min(accepted_length, self.max_length) + 1):
             self.accepted[d - 1] += 1.0
         self.draft_rounds += 1
-        if draft_seconds > 0:
+        if draft_seconds > 0 and self.draft_rounds > 1:
             self.draft_spend.append((draft_seconds, drafted_depth))
             if len(self.draft_spend) > self.window:
                 self.draft_spend.popleft()

@@ -102,6 +102,29 @@ class PassCostModel:
         return y1 + max(slope, 0.0) * (rows - x1)
 
 
+class CatchUpCost:
+    """Seconds an LM drafter spends re-reading text it has not seen, per token: learnt across
+    requests (the loop keeps one per drafter set), because what matters most is a NEW request's
+    first draft, which reads its whole prompt. Under load a capped stream's drafters sit out, so
+    letting it draft again first costs this; a pass that weighs only per-position drafting time
+    lets streams start LM drafting that the whole batch then waits through. Model-free drafters
+    re-read nothing measurable, so their samples are ~0."""
+
+    def __init__(self, min_tokens: int = 16, window: int = 16) -> None:
+        self.min_tokens = min_tokens  # fewer unseen tokens than this are part of a normal round
+        self.rates: deque = deque(maxlen=window)
+
+    def record(self, seconds: float, unseen: int) -> None:
+        """A drafting round that first read `unseen` tokens and spent `seconds` beyond its drafting."""
+        if unseen >= self.min_tokens:
+            self.rates.append(max(seconds, 0.0) / unseen)
+
+    def seconds_for(self, unseen: int) -> float:
+        if unseen < self.min_tokens or not self.rates:
+            return 0.0
+        return statistics.median(self.rates) * unseen
+
+
 @dataclass
 class CallDemand:
     """What one call brings to a shared pass."""
@@ -113,6 +136,8 @@ class CallDemand:
     # its drafting seconds per drafted position: counted as time the pass's batch waits, which is
     # true where drafters share the verifier's device and conservative where they do not
     draft_seconds: float = 0.0
+    # paid once if it drafts at all: its LM drafters re-reading what they have not seen
+    catch_up_seconds: float = 0.0
 
     def expected_tokens(self, k: int) -> float:
         total, survive = 1.0, 1.0
@@ -154,7 +179,8 @@ def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin:
         seconds = cost.seconds(int(round(rows)))
         if seconds is None:
             return None
-        seconds += sum(min(k, d.want) * d.draft_seconds for d in demands)
+        seconds += sum(min(k, d.want) * d.draft_seconds + (d.catch_up_seconds if min(k, d.want) > 0 else 0.0)
+                       for d in demands)
         values.append(sum(d.expected_tokens(k) for d in demands) / seconds)
     best = 0
     for k in range(1, len(values)):

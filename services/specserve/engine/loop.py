@@ -31,6 +31,7 @@ from ..cascade.draft_length import DraftLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
+from .goodput import CatchUpCost
 from .merge import drafted_by_drafter, merge_trees
 from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
@@ -91,6 +92,8 @@ class DecodeLoop:
         if isinstance(ahead, str) or ahead is None:
             ahead = make_strategy(ahead or ("full-acceptance" if overlap_drafting else None))
         self.ahead = ahead
+        # per drafter set: what its LM drafters spend re-reading unseen text (engine/goodput.py)
+        self._catch_up: dict[tuple[str, ...], CatchUpCost] = {}
 
     def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
         if request.drafters is None:
@@ -150,6 +153,8 @@ class DecodeLoop:
         nodes_per_position = 1.0
         depth_cap = -1  # the verifier's cap from the last round (-1 = none)
         explore = False  # that cap was raised only to measure deeper rows (VerifyReply.explore)
+        catch_up = self._catch_up.setdefault(tuple(d.name for d in drafters), CatchUpCost())
+        seen = 0  # committed tokens the drafters had seen at their last draft
         last_verify_seconds = 0.0  # what drafting should fit under (drafters' scaling signal)
         while generated < request.max_new_tokens:
             started = time.perf_counter()
@@ -173,6 +178,7 @@ class DecodeLoop:
                 round_drafters = [d for d in round_drafters if getattr(d, "model_free", False)] or round_drafters
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
+                seen = len(committed)  # the build read the text up to here
             elif depth > 0 and round_drafters:
                 call = DraftCall(
                     session_id=session_id,
@@ -189,6 +195,10 @@ class DecodeLoop:
                 )
                 trees = await self._draft_all(round_drafters, call)
                 draft_seconds = time.perf_counter() - started
+                # what this draft spent beyond its positions' usual cost went into re-reading
+                per_position = policy.draft_seconds_per_position() if policy else 0.0
+                catch_up.record(draft_seconds - depth * per_position, len(committed) - seen)
+                seen = len(committed)
             ahead_trees, ahead_missed = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
@@ -226,6 +236,8 @@ class DecodeLoop:
                     want_depth=want,
                     accept_rates=tuple(policy.acceptance_rates(want)) if policy and want > 0 else (),
                     draft_seconds=policy.draft_seconds_per_position() if policy else 0.0,
+                    # if the pass lets it draft next round: the text it has not seen, + this round's token
+                    catch_up_seconds=catch_up.seconds_for(len(committed) + 1 - seen),
                 )
             )
             try:

@@ -94,6 +94,8 @@ class VerifyCall:
     want_depth: int = -1
     accept_rates: tuple[float, ...] = ()
     draft_seconds: float = 0.0  # the request's measured drafting seconds per drafted position
+    # what its LM drafters would first spend catching up on text they have not seen (engine/goodput.py)
+    catch_up_seconds: float = 0.0
 
 
 @dataclass

@@ -251,6 +251,7 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
         want_depth=call.want_depth,
         accept_rates=call.accept_rates,
         draft_seconds=call.draft_seconds,
+        catch_up_seconds=call.catch_up_seconds,
     )
 
 
@@ -268,6 +269,7 @@ def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
         want_depth=msg.want_depth,
         accept_rates=tuple(msg.accept_rates),
         draft_seconds=msg.draft_seconds,
+        catch_up_seconds=msg.catch_up_seconds,
     )
 
 
