@@ -195,10 +195,11 @@ class DecodeLoop:
                 )
                 trees = await self._draft_all(round_drafters, call)
                 draft_seconds = time.perf_counter() - started
-                # what this draft spent beyond its positions' usual cost went into re-reading
-                per_position = policy.draft_seconds_per_position() if policy else 0.0
-                catch_up.record(draft_seconds - depth * per_position, len(committed) - seen)
-                seen = len(committed)
+                if len(round_drafters) == len(drafters):  # (a model-free-only round re-reads nothing)
+                    # what this draft spent beyond its positions' usual cost went into re-reading
+                    per_position = policy.draft_seconds_per_position() if policy else 0.0
+                    catch_up.record(draft_seconds - depth * per_position, len(committed) - seen)
+                    seen = len(committed)
             ahead_trees, ahead_missed = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
