@@ -30,7 +30,8 @@ from ..tree.token_tree import ROOT, TokenTree
 from .goodput import CallDemand, PassPlanner
 from .loop import TARGET_ROOT
 from .merge import accepted_by_drafter, merge_trees
-from .workers import AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply
+from .workers import (AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply,
+                      is_model_free)
 
 
 def generator_for(seed: int, stream: str) -> torch.Generator:
@@ -57,9 +58,9 @@ class LocalDrafter:
         # where its work runs (models/compute.py): model-free drafters run no torch kernels, so
         # they take asyncio's thread pool and a hung one holds no core the verifier needs
         lm = getattr(drafter, "lm", None)
-        self.device = "none" if getattr(drafter, "model_free", False) else getattr(lm, "device", "cpu")
+        self.device = "none" if is_model_free(drafter) else getattr(lm, "device", "cpu")
         self.lane = getattr(lm, "compute_lane", 0)
-        self.model_free = self.device == "none"  # drafts cost ~nothing (what exploration uses)
+        self.model_free = is_model_free(drafter)  # drafts cost ~nothing (what exploration uses)
 
     def draft_sync(self, call: DraftCall) -> DraftReply:
         started = time.perf_counter()

@@ -34,7 +34,7 @@ from .ahead import AheadContext, DraftingAhead, make_strategy
 from .goodput import CatchUpCost
 from .merge import drafted_by_drafter, merge_trees
 from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
-from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall
+from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_model_free
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class DecodeLoop:
         else:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
-        stops_itself = any(not getattr(d, "model_free", False) for d in drafters)
+        stops_itself = not all(is_model_free(d) for d in drafters)
         policy = (DraftLengthPolicy(max_depth, node_cost=self.node_cost,
                                     deep_prior_floor=self.min_draft_confidence if stops_itself else 0.0)
                   if self.dynamic_length else None)
@@ -175,7 +175,7 @@ class DecodeLoop:
             # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
             round_drafters = ahead_strategy.fallback_drafters(drafters) if ahead_missed else drafters
             if explore:  # rows to measure, not drafts to bet on: the free drafters fill them
-                round_drafters = [d for d in round_drafters if getattr(d, "model_free", False)] or round_drafters
+                round_drafters = [d for d in round_drafters if is_model_free(d)] or round_drafters
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here

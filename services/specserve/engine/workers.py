@@ -113,6 +113,12 @@ class VerifyReply:
     explore: bool = False
 
 
+def is_model_free(drafter) -> bool:
+    """A drafter (backend or models-level) whose drafts cost ~nothing: no model, nothing to re-read,
+    no confidence of its own (`model_free` on n-gram / suffix drafters and their backends)."""
+    return getattr(drafter, "model_free", False)
+
+
 class DrafterBackend(Protocol):
     name: str
 
