@@ -34,6 +34,13 @@ from .systems import stop_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The Serve app as shipped, and with Ray's own torch threading (OMP_NUM_THREADS = a replica's
+# whole num_cpus: one thread for the fractional replicas of the cpu profile), which it overrides.
+RAY_SETUPS = {
+    "ray-serve": {},
+    "ray-serve, Ray's 1 torch thread": {"verifier": {"torch_threads": None}, "small": {"torch_threads": None}},
+}
+
 
 class _ServerThread:
     """The standalone server on its own event loop in a background thread."""
@@ -135,10 +142,14 @@ def run_overhead(
     finally:
         server.close()
     if with_ray:
-        split: list = []
-        per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True, split)
-        rows["ray-serve"] = [{"seconds_per_round": s, "draft_per_round": d, "verify_per_round": v}
-                             for s, (d, v) in zip(per_round, split)]
+        for setup, overrides in RAY_SETUPS.items():
+            split: list = []
+            tokens: list = []
+            per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True, split,
+                                             overrides=overrides, tokens=tokens, stop_token_ids=stops)
+            rows[setup] = [{"seconds_per_round": s, "draft_per_round": d, "verify_per_round": v, "tokens": t}
+                           for s, (d, v), t in zip(per_round, split, tokens)]
+            progress(f"overhead {setup}: {statistics.median(per_round) * 1e3:.1f} ms/round")
     return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
                                           "prompts": len(batch), "repeats": repeats, "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
             "rows": rows}
@@ -155,8 +166,11 @@ def summarize_overhead(result: dict) -> list[dict]:
     for setup, runs in rows.items():
         med = statistics.median(per_round(r) for r in runs)
         same = None
-        if setup == "standalone-grpc":
-            same = all(a["tokens"] == b["tokens"] for a, b in zip(runs, rows["in-process"]))
+        if setup == "standalone-grpc" or setup.startswith("ray-serve"):
+            # the Ray rows ran each prompt once, after the interleaved in-process repeats
+            local_tokens = rows["in-process"][:: max(1, result["meta"].get("repeats", 1))]
+            pairs = zip(runs, rows["in-process"] if setup == "standalone-grpc" else local_tokens)
+            same = all(a["tokens"] == b["tokens"] for a, b in pairs)
         if setup == "standalone-http":  # the same text as gRPC's for the same greedy request
             same = all(a["text"] == b["text"] for a, b in zip(runs, rows.get("standalone-grpc", [])))
         split = [(r["draft_per_round"], r["verify_per_round"]) for r in runs if "draft_per_round" in r]

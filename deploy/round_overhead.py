@@ -54,9 +54,13 @@ def in_process(model: str, layers: int, batch: list[list[int]], max_new: int) ->
 
 
 def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, grpc_transport: bool,
-                breakdown: list | None = None) -> list[float]:
+                breakdown: list | None = None, overrides: dict | None = None,
+                tokens: list | None = None, stop_token_ids: tuple[int, ...] = ()) -> list[float]:
     """Seconds per round of each request through the Serve app; `breakdown`, when given, gets
-    (draft, verify) seconds per round as the router's loop saw them (handle round trips included)."""
+    (draft, verify) seconds per round as the router's loop saw them (handle round trips included),
+    `tokens` each request's token ids. `overrides` are AppSettings fields merged over ours.
+    The n-gram deployment runs prompt lookup (1..4), as in_process's drafter, so both decode the
+    same rounds."""
     import grpc
     import ray
     from ray import serve
@@ -70,9 +74,11 @@ def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, g
         serve.start(http_options={"host": "127.0.0.1", "port": 20380},
                     grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
     settings = {
-        "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers},
+        "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers,
+                   "ngram_method": "prompt-lookup", "ngram_max": 4},
         "drafters": ["ngram", "small"],
         "grpc_transport": grpc_transport,
+        **(overrides or {}),
     }
     serve.run(build_app(settings), name="overhead", route_prefix="/overhead")
     stub = gen_grpc.GenerationStub(grpc.insecure_channel("127.0.0.1:20351"))
@@ -80,11 +86,13 @@ def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, g
     per_round = []
     for i, ids in enumerate([batch[0], *batch]):  # the first request warms caches and connections
         req = gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=ids), rule="greedy", max_new_tokens=max_new,
-                                     seed=1, stop_token_ids=[])
+                                     seed=1, stop_token_ids=list(stop_token_ids))
         start = time.perf_counter()
         reply = stub.Generate(req, metadata=meta, timeout=600)
         if i:
             per_round.append((time.perf_counter() - start) / reply.stats.rounds)
+            if tokens is not None:
+                tokens.append(list(reply.token_ids))
             if breakdown is not None:
                 t = reply.stats.timings
                 breakdown.append((t.draft_seconds / reply.stats.rounds, t.verify_seconds / reply.stats.rounds))

@@ -78,6 +78,16 @@ def test_gpu_profile_puts_models_on_gpus():
     assert custom.verifier.num_gpus == 2 and custom.verifier.autoscaling.max_replicas == 2
 
 
+def test_cpu_model_replicas_take_every_core_and_gpu_ones_keep_rays_threads():
+    cpu = AppSettings.model_validate({})
+    assert cpu.verifier.torch_threads == 0 and cpu.small.torch_threads == 0 and cpu.router.torch_threads is None
+    gpu = AppSettings.model_validate({"profile": "gpu"})
+    assert gpu.verifier.torch_threads is None and gpu.medium.torch_threads is None
+    assert AppSettings.model_validate({"verifier": {"torch_threads": 1}}).verifier.torch_threads == 1
+    with pytest.raises(ValueError, match="torch_threads"):
+        AppSettings.model_validate({"verifier": {"torch_threads": -1}})
+
+
 def test_settings_reject_unknown_and_inconsistent_fields():
     with pytest.raises(ValueError):
         AppSettings.model_validate({"drafterz": ["ngram"]})

@@ -153,6 +153,15 @@ def stream(stub, request, after_first_chunk=None, timeout=90):
     return chunks
 
 
+def test_model_replicas_compute_on_every_core_not_on_rays_one_thread(app):
+    # Ray starts a fractional replica with OMP_NUM_THREADS=1; the cpu profile's torch_threads=0
+    # gives the verifier and the LM drafter the node's cores (the n-gram one has no model)
+    cores = len(os.sched_getaffinity(0))
+    for deployment in ("Verifier", "SmallDrafter"):
+        handle = serve.get_deployment_handle(deployment, app_name=APP)
+        assert handle.compute_threads.remote().result(timeout_s=30) == cores, deployment
+
+
 def test_grpc_stream_equals_plain_greedy(app, plain_greedy):
     chunks = stream(app, greedy_request())
     tokens = [t for c in chunks for t in c.token_ids]

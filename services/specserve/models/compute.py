@@ -76,6 +76,19 @@ def run_sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return compute_executor().submit(fn, *args, **kwargs).result()
 
 
+def set_compute_threads(threads: int) -> int:
+    """Give torch `threads` intra-op threads on the compute thread (0 = every CPU this process may
+    run on) and return what torch then uses. OpenMP keeps the thread count per thread, so it is set
+    where the forwards run, before the first one."""
+    import os
+
+    import torch
+
+    wanted = threads or len(os.sched_getaffinity(0))
+    run_sync(torch.set_num_threads, wanted)
+    return run_sync(torch.get_num_threads)
+
+
 def executor_for(device: Any, lane: int = 0) -> Executor | None:
     """The compute thread of `lane` for CPU model work (device None counts as CPU); None (asyncio's
     default thread pool) for accelerator devices and for work that runs no torch kernels ("none")."""

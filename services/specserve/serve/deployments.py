@@ -61,6 +61,22 @@ def build_drafter(kind: str, models: ModelSettings):
     raise ValueError(f"unknown drafter kind {kind!r}")
 
 
+def _use_torch_threads(spec) -> None:
+    """Before a replica loads its model: torch threads as its DeploymentSettings say."""
+    if spec.torch_threads is not None:
+        from ..models.compute import set_compute_threads
+
+        logger.info("torch intra-op threads: %d", set_compute_threads(spec.torch_threads))
+
+
+def _compute_threads() -> int:
+    import torch
+
+    from ..models.compute import run_sync
+
+    return run_sync(torch.get_num_threads)
+
+
 # ---------------------------------------------------------------- workers
 
 
@@ -73,6 +89,7 @@ class _DrafterReplica:
         from .autoscaling import DraftLoadMeter
 
         self.settings = AppSettings.model_validate(settings)
+        _use_torch_threads(self.settings.deployment(self.kind))
         self.worker = LocalDrafter(build_drafter(self.kind, self.settings.models), name=self.kind)
         self.meter = DraftLoadMeter(window_s=self.settings.deployment(self.kind).autoscaling.look_back_period_s)
 
@@ -96,6 +113,10 @@ class _DrafterReplica:
         finally:
             self.meter.finish(token)
         return convert.ahead_reply_to_proto(reply, msg.row_encoding).SerializeToString()
+
+    def compute_threads(self) -> int:
+        """torch's intra-op threads where this replica's forwards run (DeploymentSettings.torch_threads)."""
+        return _compute_threads()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: what DrafterLoadPolicy scales on."""
@@ -136,6 +157,7 @@ class Verifier:
         from ..engine.local import LocalVerifier
 
         self.settings = AppSettings.model_validate(settings)
+        _use_torch_threads(self.settings.verifier)
         models = self.settings.models
         # concurrent verify calls on this replica share one forward pass (engine/local.py:
         # continuous batching; Serve's @serve.batch needs a replica context, which local testing
@@ -149,6 +171,10 @@ class Verifier:
 
     def end_session(self, session_id: str) -> None:
         self.worker.end_session(session_id)
+
+    def compute_threads(self) -> int:
+        """torch's intra-op threads where this replica's forwards run (DeploymentSettings.torch_threads)."""
+        return _compute_threads()
 
 
 # ---------------------------------------------------------------- router (gRPC ingress)

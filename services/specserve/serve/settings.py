@@ -68,6 +68,12 @@ class DeploymentSettings(_Strict):
     resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"drafter_node": 0.01}
     max_ongoing_requests: int = Field(8, ge=1)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    # torch's intra-op threads in the replica. Ray starts every replica with OMP_NUM_THREADS =
+    # its whole num_cpus (1 for a fractional replica), so a CPU model replica would compute on one
+    # core of a node whose every core is idle while it runs. 0 = every CPU the replica may run on;
+    # None = leave Ray's setting. Rounds are synchronous, so the verifier and an LM drafter on one
+    # node take turns at the cores; with drafting ahead (they overlap) give each its own share.
+    torch_threads: int | None = Field(None, ge=0)
 
     def ray_actor_options(self) -> dict:
         options: dict = {"num_cpus": self.num_cpus}
@@ -82,6 +88,7 @@ def _drafter_defaults() -> DeploymentSettings:
     # Drafters are cheap and their load follows the request rate: let them scale out.
     return DeploymentSettings(
         max_ongoing_requests=16,
+        torch_threads=0,
         autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=4,
                                         policy="drafting-load"),
     )
@@ -90,6 +97,7 @@ def _drafter_defaults() -> DeploymentSettings:
 def _verifier_defaults() -> DeploymentSettings:
     return DeploymentSettings(
         max_ongoing_requests=8,
+        torch_threads=0,
         autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_ongoing_requests=4),
     )
 
@@ -202,6 +210,7 @@ class AppSettings(_Strict):
             if gpu:
                 base["num_cpus"] = 1.0
                 base["num_gpus"] = _GPU_SHARE[role]
+                base["torch_threads"] = None  # kernels run on the GPU: Ray's one thread will do
             given = data.get(role)
             if isinstance(given, DeploymentSettings):
                 given = given.model_dump(exclude_unset=True)
