@@ -7,8 +7,8 @@
 * http:        the same server's OpenAI-compatible HTTP API (`/v1/completions`, unary), called with
                httpx over loopback: FastAPI/uvicorn and JSON instead of gRPC;
 * ray-serve:   the Serve app (router, drafter and verifier deployments, Serve's gRPC proxy),
-               driven by deploy/round_overhead.py's `distributed` (owned by the serve engineer),
-               which we call with the same Spec-Bench prompt ids.
+               driven by deploy/round_overhead.py's `ServeApp`, interleaved request by request with
+               the other setups on the same Spec-Bench prompt ids.
 
 Greedy, same seed and drafters, so every setup decodes the same tokens in the same rounds and
 the difference per round is pure transport/orchestration cost.
@@ -34,11 +34,15 @@ from .systems import stop_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The Serve app as shipped, and with Ray's own torch threading (OMP_NUM_THREADS = a replica's
-# whole num_cpus: one thread for the fractional replicas of the cpu profile), which it overrides.
+# The Serve app as shipped (the verifier replica runs the rounds: one handle hop a round), with the
+# router running the rounds (two hops: drafters, then the verifier), and that with Ray's own torch
+# threading (OMP_NUM_THREADS = a replica's whole num_cpus: one thread for the cpu profile's
+# fractional replicas), which the app now overrides: the app as it was before both changes.
+_RAYS_THREADS = {"verifier": {"torch_threads": None}, "small": {"torch_threads": None}}
 RAY_SETUPS = {
     "ray-serve": {},
-    "ray-serve, Ray's 1 torch thread": {"verifier": {"torch_threads": None}, "small": {"torch_threads": None}},
+    "ray-serve, router drives rounds": {"round_driver": "router"},
+    "ray-serve, router drives, Ray's 1 torch thread": {"round_driver": "router", **_RAYS_THREADS},
 }
 
 
@@ -60,12 +64,12 @@ class _ServerThread:
         self.thread.join(10)
 
 
-def _serve_distributed():
+def _serve_app():
     path = REPO / "deploy" / "round_overhead.py"
     spec = importlib.util.spec_from_file_location("specserve_round_overhead", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.distributed
+    return module.ServeApp
 
 
 def run_overhead(
@@ -98,58 +102,67 @@ def run_overhead(
         return GenerationRequest(prompt_ids=ids, max_new_tokens=max_new_tokens, rule="greedy", seed=1,
                                  stop_token_ids=stops)
 
-    rows: dict[str, list[dict]] = {"in-process": [], "standalone-grpc": [], "standalone-http": []}
     engine.run(request(batch[0][:32]))  # warm-up
     service = GenerationService(engine.loop, lm.tokenizer, model_info_for(lm, ("ngram", "small")))
     server = _ServerThread(service, port)
+    # the Serve apps are deployed first, so their requests interleave with the others' below (this
+    # VM's speed drifts by tens of % over minutes: setups run one after another would measure that)
+    ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=overrides, name=f"overhead{n}")
+                for n, (setup, overrides) in enumerate(RAY_SETUPS.items())} if with_ray else {}
     import httpx2 as httpx
 
     url = f"http://127.0.0.1:{server.server.http_port}/v1/completions"
     try:
         with SpecServeClient(f"127.0.0.1:{server.port}", timeout=600) as client, httpx.Client(timeout=600) as http:
+
+            def in_process(ids):
+                t0 = time.perf_counter()
+                tokens, stats = engine.run(request(ids))
+                return {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens,
+                        "draft_per_round": stats.draft_seconds / stats.rounds,
+                        "verify_per_round": stats.verify_seconds / stats.rounds}
+
+            def grpc(ids):
+                t0 = time.perf_counter()
+                reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1, stop_token_ids=stops)
+                return {"seconds": time.perf_counter() - t0, "rounds": int(reply.stats.rounds),
+                        "tokens": list(reply.token_ids), "text": reply.text}
+
+            def http_(ids):
+                t0 = time.perf_counter()
+                body = http.post(url, json={"prompt": ids, "max_tokens": max_new_tokens, "rule": "greedy",
+                                            "seed": 1, "stop_token_ids": list(stops)}).json()
+                return {"seconds": time.perf_counter() - t0, "rounds": int(body["speculative_decoding"]["num_drafts"]),
+                        "text": body["choices"][0]["text"]}
+
+            def through(app):
+                def call(ids):
+                    r = app.generate(ids, max_new_tokens, stops)
+                    return {**r, "draft_per_round": r["draft_seconds"] / r["rounds"],
+                            "verify_per_round": r["verify_seconds"] / r["rounds"]}
+                return call
+
+            setups = {"in-process": in_process, "standalone-grpc": grpc, "standalone-http": http_,
+                      **{setup: through(app) for setup, app in ray_apps.items()}}
             client.generate(batch[0][:32], rule="greedy", max_new_tokens=4, seed=1)  # warm the channel
             http.post(url, json={"prompt": batch[0][:32], "max_tokens": 4, "rule": "greedy", "seed": 1})
-            setups = ("in-process", "grpc", "http")
+            for app in ray_apps.values():
+                app.generate(batch[0], max_new_tokens, stops)  # warm caches and connections
+            rows: dict[str, list[dict]] = {setup: [] for setup in setups}
+            names = list(setups)
             for i, ids in enumerate(batch):
                 for rep in range(repeats):
                     # rotate which setup goes first, so none always meets a warmer machine
-                    k = (i + rep) % len(setups)
-                    for setup in setups[k:] + setups[:k]:
-                        t0 = time.perf_counter()
-                        if setup == "http":
-                            body = http.post(url, json={"prompt": ids, "max_tokens": max_new_tokens, "rule": "greedy",
-                                                        "seed": 1, "stop_token_ids": list(stops)}).json()
-                            row = {"seconds": time.perf_counter() - t0,
-                                   "rounds": int(body["speculative_decoding"]["num_drafts"]),
-                                   "text": body["choices"][0]["text"]}
-                            rows["standalone-http"].append(row)
-                        elif setup == "in-process":
-                            tokens, stats = engine.run(request(ids))
-                            row = {"seconds": time.perf_counter() - t0, "rounds": stats.rounds, "tokens": tokens,
-                                   "draft_per_round": stats.draft_seconds / stats.rounds,
-                                   "verify_per_round": stats.verify_seconds / stats.rounds}
-                            rows["in-process"].append(row)
-                        else:
-                            reply = client.generate(ids, rule="greedy", max_new_tokens=max_new_tokens, seed=1,
-                                                    stop_token_ids=stops)
-                            row = {"seconds": time.perf_counter() - t0, "rounds": int(reply.stats.rounds),
-                                   "tokens": list(reply.token_ids), "text": reply.text}
-                            rows["standalone-grpc"].append(row)
-                    a, b, c = rows["in-process"][-1], rows["standalone-grpc"][-1], rows["standalone-http"][-1]
-                    progress(f"overhead prompt {i}.{rep}: in-process {a['seconds'] / a['rounds'] * 1e3:.1f} "
-                             f"ms/round, gRPC {b['seconds'] / max(1, b['rounds']) * 1e3:.1f} ms/round, "
-                             f"HTTP {c['seconds'] / max(1, c['rounds']) * 1e3:.1f} ms/round")
+                    k = (i + rep) % len(names)
+                    for setup in names[k:] + names[:k]:
+                        rows[setup].append(setups[setup](ids))
+                    progress(f"overhead prompt {i}.{rep}: " + ", ".join(
+                        f"{setup} {rows[setup][-1]['seconds'] / max(1, rows[setup][-1]['rounds']) * 1e3:.1f}"
+                        for setup in names) + " ms/round")
     finally:
         server.close()
-    if with_ray:
-        for setup, overrides in RAY_SETUPS.items():
-            split: list = []
-            tokens: list = []
-            per_round = _serve_distributed()(model, early_exit_layers, batch, max_new_tokens, True, split,
-                                             overrides=overrides, tokens=tokens, stop_token_ids=stops)
-            rows[setup] = [{"seconds_per_round": s, "draft_per_round": d, "verify_per_round": v, "tokens": t}
-                           for s, (d, v), t in zip(per_round, split, tokens)]
-            progress(f"overhead {setup}: {statistics.median(per_round) * 1e3:.1f} ms/round")
+        for app in ray_apps.values():
+            app.close()
     return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
                                           "prompts": len(batch), "repeats": repeats, "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
             "rows": rows}
@@ -166,11 +179,8 @@ def summarize_overhead(result: dict) -> list[dict]:
     for setup, runs in rows.items():
         med = statistics.median(per_round(r) for r in runs)
         same = None
-        if setup == "standalone-grpc" or setup.startswith("ray-serve"):
-            # the Ray rows ran each prompt once, after the interleaved in-process repeats
-            local_tokens = rows["in-process"][:: max(1, result["meta"].get("repeats", 1))]
-            pairs = zip(runs, rows["in-process"] if setup == "standalone-grpc" else local_tokens)
-            same = all(a["tokens"] == b["tokens"] for a, b in pairs)
+        if "tokens" in runs[0] and setup != "in-process":
+            same = all(a["tokens"] == b["tokens"] for a, b in zip(runs, rows["in-process"]))
         if setup == "standalone-http":  # the same text as gRPC's for the same greedy request
             same = all(a["text"] == b["text"] for a, b in zip(runs, rows.get("standalone-grpc", [])))
         split = [(r["draft_per_round"], r["verify_per_round"]) for r in runs if "draft_per_round" in r]

@@ -53,51 +53,66 @@ def in_process(model: str, layers: int, batch: list[list[int]], max_new: int) ->
     return per_round
 
 
-def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, grpc_transport: bool,
-                breakdown: list | None = None, overrides: dict | None = None,
-                tokens: list | None = None, stop_token_ids: tuple[int, ...] = ()) -> list[float]:
-    """Seconds per round of each request through the Serve app; `breakdown`, when given, gets
-    (draft, verify) seconds per round as the router's loop saw them (handle round trips included),
-    `tokens` each request's token ids. `overrides` are AppSettings fields merged over ours.
-    The n-gram deployment runs prompt lookup (1..4), as in_process's drafter, so both decode the
-    same rounds."""
-    import grpc
-    import ray
-    from ray import serve
+class ServeApp:
+    """One deployment of the Serve app on the local Ray cluster (started on first use), called
+    request by request, so a benchmark can interleave it with other setups. `overrides` are
+    AppSettings fields merged over ours. The n-gram deployment runs prompt lookup (1..4), as
+    in_process's drafter, so both decode the same rounds."""
 
-    from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app
-    from specserve.v1 import generation_pb2 as gen_pb
-    from specserve.v1 import generation_pb2_grpc as gen_grpc
+    def __init__(self, model: str, layers: int, grpc_transport: bool = True, overrides: dict | None = None,
+                 name: str = "overhead") -> None:
+        import grpc
+        import ray
+        from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-        serve.start(http_options={"host": "127.0.0.1", "port": 20380},
-                    grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
-    settings = {
-        "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers,
-                   "ngram_method": "prompt-lookup", "ngram_max": 4},
-        "drafters": ["ngram", "small"],
-        "grpc_transport": grpc_transport,
-        **(overrides or {}),
-    }
-    serve.run(build_app(settings), name="overhead", route_prefix="/overhead")
-    stub = gen_grpc.GenerationStub(grpc.insecure_channel("127.0.0.1:20351"))
-    meta = (("application", "overhead"),)
-    per_round = []
-    for i, ids in enumerate([batch[0], *batch]):  # the first request warms caches and connections
+        from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app
+        from specserve.v1 import generation_pb2_grpc as gen_grpc
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+            serve.start(http_options={"host": "127.0.0.1", "port": 20380},
+                        grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
+        settings = {
+            "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers,
+                       "ngram_method": "prompt-lookup", "ngram_max": 4},
+            "drafters": ["ngram", "small"],
+            "grpc_transport": grpc_transport,
+            **(overrides or {}),
+        }
+        self.name = name
+        serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
+        self._channel = grpc.insecure_channel("127.0.0.1:20351")
+        self._stub = gen_grpc.GenerationStub(self._channel)
+
+    def generate(self, ids: list[int], max_new: int, stop_token_ids: tuple[int, ...] = ()) -> dict:
+        """One greedy request: seconds, rounds, token ids, and (draft, verify) seconds as the
+        router's loop saw them (handle round trips included)."""
+        from specserve.v1 import generation_pb2 as gen_pb
+
         req = gen_pb.GenerateRequest(token_ids=gen_pb.TokenIds(ids=ids), rule="greedy", max_new_tokens=max_new,
                                      seed=1, stop_token_ids=list(stop_token_ids))
         start = time.perf_counter()
-        reply = stub.Generate(req, metadata=meta, timeout=600)
-        if i:
-            per_round.append((time.perf_counter() - start) / reply.stats.rounds)
-            if tokens is not None:
-                tokens.append(list(reply.token_ids))
-            if breakdown is not None:
-                t = reply.stats.timings
-                breakdown.append((t.draft_seconds / reply.stats.rounds, t.verify_seconds / reply.stats.rounds))
-    serve.delete("overhead")
-    return per_round
+        reply = self._stub.Generate(req, metadata=(("application", self.name),), timeout=600)
+        timings = reply.stats.timings
+        return {"seconds": time.perf_counter() - start, "rounds": int(reply.stats.rounds),
+                "tokens": list(reply.token_ids), "draft_seconds": timings.draft_seconds,
+                "verify_seconds": timings.verify_seconds}
+
+    def close(self) -> None:
+        from ray import serve
+
+        self._channel.close()
+        serve.delete(self.name)
+
+
+def distributed(model: str, layers: int, batch: list[list[int]], max_new: int, grpc_transport: bool) -> list[float]:
+    """Seconds per round of each request through the Serve app."""
+    app = ServeApp(model, layers, grpc_transport)
+    try:
+        app.generate(batch[0], max_new)  # warms caches and connections
+        return [r["seconds"] / r["rounds"] for r in (app.generate(ids, max_new) for ids in batch)]
+    finally:
+        app.close()
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from specserve.engine.types import GenerationRequest  # noqa: E402
 from specserve.models.causal_lm import CausalLM  # noqa: E402
 from specserve.serve.app import build_app  # noqa: E402
 from specserve.serve.deployments import grpc_status_for  # noqa: E402
-from specserve.serve.router import RemoteDrafter, RemoteVerifier, WorkerUnavailable  # noqa: E402
+from specserve.serve.router import RemoteDrafter, RemoteRounds, RemoteVerifier, WorkerUnavailable  # noqa: E402
 from specserve.serve.service import ServiceError, VerifierUnavailable  # noqa: E402
 from specserve.v1 import generation_pb2 as gen_pb  # noqa: E402
 
@@ -91,9 +91,10 @@ def token_request(max_new_tokens: int = 24, **fields) -> gen_pb.GenerateRequest:
     )
 
 
-@pytest.fixture(scope="module")
-def local_router(tiny_model_dir):
-    handle = serve.run(build_app(tiny_settings(tiny_model_dir)), _local_testing_mode=True)
+@pytest.fixture(scope="module", params=["verifier", "router"])
+def local_router(tiny_model_dir, request):
+    # both app shapes: the verifier replica runs the rounds (default), or the router does
+    handle = serve.run(build_app(tiny_settings(tiny_model_dir, round_driver=request.param)), _local_testing_mode=True)
     yield handle
 
 
@@ -227,6 +228,103 @@ def test_remote_verifier_succeeds_on_retry():
 
     reply = asyncio.run(RemoteVerifier(FakeHandle(flaky), timeout_s=1.0, retry_backoff_s=0.01).verify(_verify_call()))
     assert reply.tokens == [3, 4, 9] and reply.path == [0, 1] and state["n"] == 2
+
+
+class FakeStreams:
+    """A DeploymentHandle stand-in for streaming calls: the i-th call streams `scripts[i]` (RoundResults,
+    or an exception to raise there), and records its options, its request and whether it was cancelled."""
+
+    def __init__(self, *scripts):
+        self.scripts = list(scripts)
+        self.calls: list[dict] = []
+        self.requests: list[GenerationRequest] = []
+        self.cancelled: list[int] = []
+
+    def options(self, **options):
+        self.calls.append(options)
+        return self
+
+    def remote(self, request):
+        index = len(self.requests)
+        self.requests.append(request)
+        streams = self
+
+        class Stream:
+            def __init__(self):
+                self.items = iter(streams.scripts[index])
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                item = next(self.items, None)
+                if item is None:
+                    raise StopAsyncIteration
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+
+            def cancel(self):
+                streams.cancelled.append(index)
+
+        return Stream()
+
+
+def _rounds(*token_lists, finished_last=True):
+    from specserve.engine.types import RoundResult
+
+    out = [RoundResult(tokens=list(t), num_drafted=len(t) - 1, num_accepted=len(t) - 1) for t in token_lists]
+    out[-1].finished = finished_last
+    return out
+
+
+def _collect(remote_rounds, request, upto=None):
+    async def run():
+        got = []
+        gen = remote_rounds.rounds(request)
+        async for result in gen:
+            got.append(result)
+            if upto is not None and len(got) == upto:
+                await gen.aclose()
+                break
+        return got
+
+    return asyncio.run(run())
+
+
+def test_remote_rounds_resume_a_broken_stream_from_what_was_streamed():
+    handle = FakeStreams(_rounds([5, 6], [7], finished_last=False) + [RuntimeError("replica died")], _rounds([8, 9]))
+    verifier = RemoteVerifier(handle, timeout_s=5.0, attempts=2, retry_backoff_s=0.0)
+    request = GenerationRequest(prompt_ids=[1, 2, 3], max_new_tokens=5, rule="greedy", seed=11, session_id="s9")
+    got = _collect(RemoteRounds(verifier, drafters=("ngram",)), request)
+    assert [t for r in got for t in r.tokens] == [5, 6, 7, 8, 9]
+    resumed = handle.requests[1]
+    assert resumed.prompt_ids == [1, 2, 3, 5, 6, 7] and resumed.max_new_tokens == 2
+    assert resumed.session_id == "s9" and resumed.seed != 11  # no random number is spent twice
+    assert request.prompt_ids == [1, 2, 3] and request.max_new_tokens == 5  # the caller's request is untouched
+    assert handle.calls[0] == {"method_name": "rounds", "stream": True, "session_id": "s9", "_by_reference": False}
+    assert handle.cancelled == [0]  # the broken call is cancelled; the finished one is not
+
+
+def test_remote_rounds_give_up_after_the_attempts_and_never_retry_a_bad_request():
+    broken = FakeStreams([RuntimeError("down")], [RuntimeError("still down")])
+    verifier = RemoteVerifier(broken, timeout_s=5.0, attempts=2, retry_backoff_s=0.0)
+    request = GenerationRequest(prompt_ids=[1, 2], max_new_tokens=4, rule="greedy", seed=1, session_id="s")
+    with pytest.raises(VerifierUnavailable, match="still down"):
+        _collect(RemoteRounds(verifier, drafters=()), request)
+    assert len(broken.requests) == 2
+    bad = FakeStreams([ValueError("drafters: unknown drafter(s) ['x']")])
+    with pytest.raises(ValueError, match="drafters"):
+        _collect(RemoteRounds(RemoteVerifier(bad, timeout_s=5.0, attempts=2, retry_backoff_s=0.0), drafters=()), request)
+    assert len(bad.requests) == 1
+
+
+def test_remote_rounds_cancel_the_replicas_loop_when_the_consumer_leaves():
+    handle = FakeStreams(_rounds([5], [6], [7]))
+    verifier = RemoteVerifier(handle, timeout_s=5.0, attempts=2, retry_backoff_s=0.0)
+    request = GenerationRequest(prompt_ids=[1], max_new_tokens=3, rule="greedy", session_id="s")
+    got = _collect(RemoteRounds(verifier, drafters=()), request, upto=1)
+    assert [r.tokens for r in got] == [[5]] and handle.cancelled == [0]
 
 
 def test_remote_drafter_timeout_cancels_and_raises():

@@ -10,7 +10,10 @@ CLI runs) plus three overlays `serve build` has no flags for: the application na
 (gRPC >= 20000 locally so tests and dev boxes never clash with a default 9000), and the HTTP host.
 tests/test_deploy_config.py regenerates them and fails when the checked-in files drift.
 
-Graph: Router(drafters={kind: <drafter deployment>}, verifier=<Verifier>). Each deployment has its
+Graph (round_driver "verifier", the default): Router(verifier=<Verifier(drafters={kind: <drafter
+deployment>})>): the router streams each request from a verifier replica, which runs its rounds and
+calls the drafters. round_driver "router": Router(verifier=<Verifier>, drafters={...}), the router
+runs the rounds and calls both every round. Each deployment has its
 own ray_actor_options and autoscaling_config; worker deployments route by session id with Serve's
 ConsistentHashRouter, so a session sticks to the replica holding its KV cache while that replica lives.
 """
@@ -80,8 +83,13 @@ def build_app(args: dict | None = None) -> serve.Application:
         kind: DRAFTER_DEPLOYMENTS[kind].options(**deployment_options(settings, kind)).bind(payload)
         for kind in settings.drafters
     }
-    verifier = Verifier.options(**deployment_options(settings, "verifier")).bind(payload)
-    return Router.options(**deployment_options(settings, "router")).bind(drafters, verifier, payload)
+    verifier_options = deployment_options(settings, "verifier")
+    router_options = deployment_options(settings, "router")
+    if settings.round_driver == "verifier":  # the verifier replica runs the rounds, calling drafters
+        verifier = Verifier.options(**verifier_options).bind(payload, drafters)
+        return Router.options(**router_options).bind(verifier, payload)
+    verifier = Verifier.options(**verifier_options).bind(payload)
+    return Router.options(**router_options).bind(verifier, payload, drafters)
 
 
 app = build_app({})

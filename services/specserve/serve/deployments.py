@@ -151,23 +151,40 @@ LM_DRAFTER_KINDS = ("small", "medium")  # their replicas can draft ahead (LMDraf
 
 @serve.deployment(name=DEPLOYMENT_NAMES["verifier"])
 class Verifier:
-    """The big model: scores a whole token tree in one pass and runs acceptance next to the logits."""
+    """The big model: scores a whole token tree in one pass and runs acceptance next to the logits.
 
-    def __init__(self, settings: dict) -> None:
+    With round_driver "verifier" (the default) it also runs each request's decode loop (`rounds`,
+    one streaming call per request from the router), calling the drafter deployments it was bound
+    to: a round costs one handle hop (to the drafters) instead of two. With "router" the router runs
+    the loop and calls `verify` once a round."""
+
+    def __init__(self, settings: dict, drafters: dict[str, Any] | None = None) -> None:
         from ..engine.local import LocalVerifier
 
-        self.settings = AppSettings.model_validate(settings)
-        _use_torch_threads(self.settings.verifier)
-        models = self.settings.models
+        self.settings = s = AppSettings.model_validate(settings)
+        _use_torch_threads(s.verifier)
+        models = s.models
         # concurrent verify calls on this replica share one forward pass (engine/local.py:
         # continuous batching; Serve's @serve.batch needs a replica context, which local testing
         # mode and the standalone server lack, and it would add a wait timer we do not need)
         self.worker = LocalVerifier(_load_lm(models.verifier, models), max_sessions=models.session_cache_size,
-                                    max_batch_size=self.settings.verify_batch_size)
+                                    max_batch_size=s.verify_batch_size)
+        # every session this replica runs rounds for shares self.worker, so their passes batch
+        self.loop = _make_loop(s, self.worker, _remote_drafters(s, drafters)) if drafters is not None else None
 
     async def verify(self, payload: bytes) -> bytes:
         reply = await self.worker.verify(convert.verify_call_from_proto(int_pb.VerifyCall.FromString(payload)))
         return convert.verify_reply_to_proto(reply).SerializeToString()
+
+    async def rounds(self, request) -> AsyncIterator:
+        """A whole request, round by round (engine GenerationRequest in, RoundResults out)."""
+        if self.loop is None:
+            raise TypeError("this verifier was deployed with round_driver 'router': it only verifies")
+        from contextlib import aclosing
+
+        async with aclosing(self.loop.rounds(request)) as rounds:
+            async for result in rounds:
+                yield result
 
     def end_session(self, session_id: str) -> None:
         self.worker.end_session(session_id)
@@ -207,18 +224,17 @@ class Router:
     `grpc_context`), Serve's HTTP proxy the OpenAI-compatible routes of OPENAI_APP. Both need
     `Bearer KEY` when SPECSERVE_API_KEY is set in the replica's environment (serve/auth.py)."""
 
-    def __init__(self, drafters: dict[str, Any], verifier: Any, settings: dict) -> None:
-        from .router import RemoteDrafter, RemoteVerifier
+    def __init__(self, verifier: Any, settings: dict, drafters: dict[str, Any] | None = None) -> None:
+        from .router import RemoteRounds, RemoteVerifier
 
         self.settings = s = AppSettings.model_validate(settings)
-        remote_drafters = [
-            RemoteDrafter(kind, handle, timeout_s=s.draft_timeout_s, grpc_transport=s.grpc_transport,
-                          affinity=s.session_affinity, can_draft_ahead=kind in LM_DRAFTER_KINDS)
-            for kind, handle in drafters.items()
-        ]
         remote_verifier = RemoteVerifier(verifier, timeout_s=s.verify_timeout_s, attempts=s.verify_attempts,
                                          grpc_transport=s.grpc_transport, affinity=s.session_affinity)
-        self.service = _make_service(s, remote_drafters, remote_verifier)
+        if drafters is None:  # round_driver "verifier": the verifier replica runs the rounds
+            loop = RemoteRounds(remote_verifier, drafters=s.drafters)
+        else:
+            loop = _make_loop(s, remote_verifier, _remote_drafters(s, drafters))
+        self.service = _make_service(s, loop)
         self.keys = APIKeys.load()
         _set_replica(self.service, self.keys)
 
@@ -264,12 +280,32 @@ def _unauthenticated():
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key (authorization: Bearer KEY)")
 
 
-def _make_service(settings: AppSettings, drafters: list, verifier: Any):
-    """GenerationService over the engine's decode loop with remote backends. The router loads the
-    tokenizer and config only (no weights): enough to tokenize and to validate requests."""
+def _remote_drafters(settings: AppSettings, handles: dict[str, Any]) -> list:
+    from .router import RemoteDrafter
+
+    return [RemoteDrafter(kind, handle, timeout_s=settings.draft_timeout_s, grpc_transport=settings.grpc_transport,
+                          affinity=settings.session_affinity, can_draft_ahead=kind in LM_DRAFTER_KINDS)
+            for kind, handle in handles.items()]
+
+
+def _make_loop(settings: AppSettings, verifier: Any, drafters: list):
+    """The engine's decode loop over a verifier backend (local in a Verifier replica, remote in the
+    Router) and the remote drafters, configured from the app's settings."""
+    from ..engine.ahead import make_strategy
+    from ..engine.loop import DecodeLoop
+
+    options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait} \
+        if settings.ahead == "enumerate-select" else {}
+    return DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
+                      ahead=make_strategy(settings.ahead, **options),
+                      min_draft_confidence=settings.min_draft_confidence)
+
+
+def _make_service(settings: AppSettings, loop: Any):
+    """GenerationService over a decode loop (or the verifier's, through RemoteRounds). The router
+    loads the tokenizer and config only (no weights): enough to tokenize and to validate requests."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..engine.loop import DecodeLoop
     from ..models.weights import resolve_model
     from .metrics import ServeMetrics
     from .service import GenerationService
@@ -280,16 +316,9 @@ def _make_service(settings: AppSettings, drafters: list, verifier: Any):
     model = ModelInfo(
         vocab_size=config.vocab_size,
         max_context=getattr(config, "max_position_embeddings", 2048),
-        drafters=tuple(d.name for d in drafters),
+        drafters=tuple(settings.drafters),
         name=settings.models.verifier,
     )
-    from ..engine.ahead import make_strategy
-
-    options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait} \
-        if settings.ahead == "enumerate-select" else {}
-    loop = DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
-                      ahead=make_strategy(settings.ahead, **options),
-                      min_draft_confidence=settings.min_draft_confidence)
     # recorded through ray.serve.metrics: Ray's metrics agent exports them with the replica tags
     return GenerationService(loop, AutoTokenizer.from_pretrained(path), model, metrics=ServeMetrics(backend="ray"))
 

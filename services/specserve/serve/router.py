@@ -21,10 +21,12 @@ Failure policy (DESIGN.md "Sessions, state and failure"):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, AsyncIterator, Sequence
 
+from ..engine.types import GenerationRequest, RoundResult
 from ..engine.workers import AheadCall, AheadReply, DraftCall, DraftReply, VerifyCall, VerifyReply
 from ..v1 import internal_pb2 as int_pb
 from . import convert
@@ -131,6 +133,16 @@ class RemoteVerifier:
                     await asyncio.sleep(self._retry_backoff_s)
         raise VerifierUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")
 
+    def stream_rounds(self, request: GenerationRequest) -> Any:
+        """One `Verifier.rounds` streaming call (round_driver "verifier"): a DeploymentResponseGenerator
+        of RoundResults. The engine's dataclasses travel pickled: they are Python on both ends."""
+        options: dict = {"method_name": "rounds", "stream": True}
+        if self._affinity and request.session_id:
+            options["session_id"] = request.session_id
+        if self._grpc_transport:
+            options["_by_reference"] = False
+        return self._handle.options(**options).remote(request)
+
     def end_session(self, session_id: str) -> None:
         """Free the session's KV cache on the replica that holds it (fire and forget: the LRU
         evicts it anyway if this message is lost)."""
@@ -138,3 +150,64 @@ class RemoteVerifier:
         if self._affinity and session_id:
             options["session_id"] = session_id
         self._handle.options(**options).remote(session_id)
+
+
+class RemoteRounds:
+    """A verifier replica's decode loop, as the service sees a loop (round_driver "verifier").
+
+    `rounds(request)` streams the RoundResults of one `Verifier.rounds` call, each within the
+    verify timeout. A stream that breaks (the replica died, a timeout) resumes on a replica the
+    router reaches next, from the prompt plus every token already streamed, for what is left of
+    max_new_tokens: greedy output is the same, sampled output stays a sample of the verifier's law
+    (the resumed part draws from another seed, so it reuses none of the random numbers already
+    spent). After `attempts` broken streams the request fails with VerifierUnavailable."""
+
+    def __init__(self, verifier: RemoteVerifier, drafters: Sequence[str]) -> None:
+        self.verifier = verifier  # the service frees server-named sessions through it
+        self.drafters = tuple(drafters)
+
+    async def rounds(self, request: GenerationRequest) -> AsyncIterator[RoundResult]:
+        streamed: list[int] = []
+        errors: list[str] = []
+        for attempt in range(self.verifier._attempts):
+            current = request if attempt == 0 else _resumed(request, streamed, attempt)
+            if current.max_new_tokens < 1:
+                return
+            stream = self.verifier.stream_rounds(current)
+            done = False
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(self.verifier._timeout_s):
+                            result = await anext(stream)
+                    except StopAsyncIteration:
+                        done = True
+                        return
+                    except (ValueError, TypeError):
+                        done = True  # the request itself is wrong: no replica will take it
+                        raise
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a broken stream resumes below
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                        logger.warning("rounds stream of %s broke after %d tokens (attempt %d): %s",
+                                       request.session_id, len(streamed), attempt + 1, errors[-1])
+                        break
+                    streamed.extend(result.tokens)
+                    yield result
+                    if result.finished:
+                        done = True
+                        return
+            finally:
+                if not done:
+                    stream.cancel()  # a consumer that left, or a broken call: stop the replica's loop
+            if attempt + 1 < self.verifier._attempts:
+                await asyncio.sleep(self.verifier._retry_backoff_s)
+        raise VerifierUnavailable(f"verifier unavailable after {self.verifier._attempts} attempts: {errors[-1]}")
+
+
+def _resumed(request: GenerationRequest, streamed: list[int], attempt: int) -> GenerationRequest:
+    """What is left of `request` once `streamed` tokens reached the client."""
+    seed = None if request.seed is None else (request.seed + attempt * 0x9E3779B97F4A7C15) % (1 << 63)
+    return dataclasses.replace(request, prompt_ids=list(request.prompt_ids) + list(streamed),
+                               max_new_tokens=request.max_new_tokens - len(streamed), seed=seed)

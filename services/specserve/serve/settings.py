@@ -95,8 +95,10 @@ def _drafter_defaults() -> DeploymentSettings:
 
 
 def _verifier_defaults() -> DeploymentSettings:
+    # With round_driver "verifier" every running request holds one of these for its whole length:
+    # room for two passes' worth of sessions (verify_batch_size 8) before the router queues one.
     return DeploymentSettings(
-        max_ongoing_requests=8,
+        max_ongoing_requests=16,
         torch_threads=0,
         autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_ongoing_requests=4),
     )
@@ -157,10 +159,17 @@ class AppSettings(_Strict):
     medium: DeploymentSettings = Field(default_factory=_drafter_defaults)
     verifier: DeploymentSettings = Field(default_factory=_verifier_defaults)
     router: DeploymentSettings = Field(default_factory=_router_defaults)
+    # Who runs the decode loop. "verifier": each request is one streaming call from the router to a
+    # verifier replica, which runs the rounds next to its model and calls the drafter deployments
+    # (one handle hop a round). "router": the router runs the loop and calls drafters and then the
+    # verifier every round (two hops). Drafters are their own deployments either way.
+    round_driver: Literal["verifier", "router"] = "verifier"
     # Router -> worker calls
     draft_timeout_s: float = Field(10.0, gt=0)  # a late drafter is dropped for the round
-    verify_timeout_s: float = Field(120.0, gt=0)
-    verify_attempts: int = Field(2, ge=1)  # first try + one retry on another replica
+    verify_timeout_s: float = Field(120.0, gt=0)  # per round (round_driver verifier: per streamed round)
+    # first try + one retry on another replica (round_driver verifier: a broken stream resumes from
+    # the tokens already streamed)
+    verify_attempts: int = Field(2, ge=1)
     session_affinity: bool = True  # consistent-hash the session id onto worker replicas
     grpc_transport: bool = True  # Serve's interdeployment gRPC instead of Ray object refs
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024)
