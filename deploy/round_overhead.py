@@ -65,11 +65,12 @@ class ServeApp:
         import ray
         from ray import serve
 
-        from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app
+        from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app, local_system_config
         from specserve.v1 import generation_pb2_grpc as gen_grpc
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        if not ray.is_initialized():  # started as `specserve serve` starts one (serve/app.py run_local)
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                     _system_config=local_system_config())
             serve.start(http_options={"host": "127.0.0.1", "port": 20380},
                         grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
         settings = {

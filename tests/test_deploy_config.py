@@ -109,3 +109,12 @@ def test_settings_reject_unknown_and_inconsistent_fields():
 def test_drafting_ahead_defaults_on_for_gpu_only(overrides, expected):
     # on one CPU the drafters would compete with the verifier for the same cores
     assert AppSettings.model_validate(overrides).ahead == expected
+
+
+def test_a_local_ray_runs_its_workers_at_nice_0_unless_the_environment_says(monkeypatch):
+    from specserve.serve.app import local_system_config
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert local_system_config() == {"worker_niceness": 0}
+    monkeypatch.setenv("RAY_worker_niceness", "15")
+    assert local_system_config() == {}

@@ -138,6 +138,16 @@ def write_configs(directory: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- running a config
 
 
+def local_system_config() -> dict:
+    """Ray system config for a cluster this process starts on one machine. Ray runs its workers at
+    nice 15 so that the raylet and GCS always win a core; on a box where the model replicas share
+    the cores with them, every such wake-up pre-empts one thread of a forward's OpenMP team, and
+    the team waits for its slowest thread (the Ray app's round cost 1.15x the in-process engine's
+    at nice 15, 1.08x at nice 0: BENCHMARKS.md section 4). RAY_worker_niceness in the environment
+    still wins."""
+    return {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
+
+
 def run_local(config_path: str | Path, address: str | None = None, blocking: bool = False) -> None:
     """Deploy every application of a Serve config file on a Ray cluster (`address`, or a new local
     one) without the dashboard's REST API: start Serve with the file's proxy/HTTP/gRPC options,
@@ -150,7 +160,7 @@ def run_local(config_path: str | Path, address: str | None = None, blocking: boo
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=False, _system_config=local_system_config())
     serve.start(
         proxy_location=config.proxy_location,
         http_options=config.http_options.model_dump(exclude_unset=True),

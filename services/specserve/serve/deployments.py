@@ -5,8 +5,10 @@ call arrives as serialized internal protobuf bytes, is decoded (serve/convert.py
 local backend (which keeps per-session KV caches in a bounded LRU), and the reply goes back as
 bytes. Models load in the replica constructor, never at import, so `serve build` stays cheap.
 
-The Router runs the engine's decode loop over remote backends (serve/router.py) inside the gRPC
-service (serve/service.py); Serve's gRPC proxy calls its `Generate` / `GenerateStream` methods.
+The Verifier runs each request's decode loop next to its model, over remote drafters (round_driver
+"verifier", the default); the Router's gRPC service (serve/service.py) streams the rounds from it
+(serve/router.py RemoteRounds). With round_driver "router" the Router runs the loop over remote
+backends instead. Serve's gRPC proxy calls the Router's `Generate` / `GenerateStream` methods.
 
 Sizing (ray_actor_options, autoscaling_config, request router) is set by serve/app.py from
 AppSettings, so the decorators below carry names only.
