@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 _RAYS_THREADS = {"verifier": {"torch_threads": None}, "small": {"torch_threads": None}}
 RAY_SETUPS = {
     "ray-serve": {},
-    "ray-serve, router drives rounds": {"round_driver": "router"},
-    "ray-serve, router drives, Ray's 1 torch thread": {"round_driver": "router", **_RAYS_THREADS},
+    "ray-serve/router-drives": {"round_driver": "router"},
+    "ray-serve/router-drives/1-thread": {"round_driver": "router", **_RAYS_THREADS},
 }
 
 
@@ -83,6 +83,7 @@ def run_overhead(
     max_prompt_tokens: int | None = 512,
     repeats: int = 2,
     progress=print,
+    ray_setups: tuple[str, ...] | None = None,
 ) -> dict:
     from specserve.client.client import SpecServeClient
     from specserve.serve.grpc_server import model_info_for
@@ -108,7 +109,8 @@ def run_overhead(
     # the Serve apps are deployed first, so their requests interleave with the others' below (this
     # VM's speed drifts by tens of % over minutes: setups run one after another would measure that)
     ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=overrides, name=f"overhead{n}")
-                for n, (setup, overrides) in enumerate(RAY_SETUPS.items())} if with_ray else {}
+                for n, (setup, overrides) in enumerate(RAY_SETUPS.items())
+                if ray_setups is None or setup in ray_setups} if with_ray else {}
     import httpx2 as httpx
 
     url = f"http://127.0.0.1:{server.server.http_port}/v1/completions"
@@ -184,8 +186,11 @@ def summarize_overhead(result: dict) -> list[dict]:
         if setup == "standalone-http":  # the same text as gRPC's for the same greedy request
             same = all(a["text"] == b["text"] for a, b in zip(runs, rows.get("standalone-grpc", [])))
         split = [(r["draft_per_round"], r["verify_per_round"]) for r in runs if "draft_per_round" in r]
+        # each request against the in-process run of the same prompt in the same rotation (seconds
+        # apart): the machine's drift over minutes cancels, which a ratio of medians leaves in
+        paired = statistics.median(per_round(r) / per_round(b) for r, b in zip(runs, rows["in-process"]))
         out.append({"setup": setup, "ms_per_round": med * 1e3, "overhead_ms_per_round": (med - local) * 1e3,
-                    "ratio": med / local, "same_tokens": same,
+                    "ratio": paired, "same_tokens": same,
                     "draft_ms": 1e3 * statistics.median(d for d, _ in split) if split else None,
                     "verify_ms": 1e3 * statistics.median(v for _, v in split) if split else None})
     return out

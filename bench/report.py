@@ -140,12 +140,13 @@ def overhead_report(result: dict) -> str:
             for o in summarize_overhead(result)]
     meta = result["meta"]
     return "\n".join([
-        _table(["setup", "ms / round (median)", "overhead / round", "ratio", "drafting ms / round (loop's view)",
+        _table(["setup", "ms / round (median)", "overhead / round", "ratio (paired)", "drafting ms / round (loop's view)",
                 "verifying ms / round (loop's view)", "same tokens"], rows),
         "",
         f"_Model `{meta['model']}` ({meta['dtype']}), drafters {', '.join(meta['drafters'])}, greedy, "
         f"{meta['prompts']} prompts x {meta.get('repeats', 1)} repeats (alternating order), "
-        f"max_new_tokens {meta['max_new_tokens']}; median over requests of seconds / rounds._",
+        f"max_new_tokens {meta['max_new_tokens']}; median over requests of seconds / rounds; ratio (paired) = "
+        f"median over requests of (this setup's seconds / round) / (in-process's, same prompt, same rotation)._",
     ])
 
 
