@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--port", type=int, default=20461)
     op.add_argument("--ray", action="store_true", help="also through the Ray Serve app")
     op.add_argument("--repeats", type=int, default=2)
+    op.add_argument("--drafter", default=None,
+                    help="an LM drafter (MODEL@int8 ...) instead of the verifier's early exit (the app's medium deployment)")
     op.add_argument("--ray-setups", default=None,
                     help="comma list of bench/overhead.py RAY_SETUPS to run with --ray (default: all)")
     _common(op)
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_overhead(args.model, prompts, args.max_new_tokens, args.early_exit, args.port,
                               args.ray, args.dtype, args.max_prompt_tokens, args.repeats, progress=log,
-                              ray_setups=tuple(args.ray_setups.split(",")) if args.ray_setups else None)
+                              ray_setups=tuple(args.ray_setups.split(",")) if args.ray_setups else None,
+                              drafter=args.drafter)
         _finish(args, result, "overhead")
         return 0
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # router running the rounds (two hops: drafters, then the verifier), and that with Ray's own torch
 # threading (OMP_NUM_THREADS = a replica's whole num_cpus: one thread for the cpu profile's
 # fractional replicas), which the app now overrides: the app as it was before both changes.
-_RAYS_THREADS = {"verifier": {"torch_threads": None}, "small": {"torch_threads": None}}
+_RAYS_THREADS = {role: {"torch_threads": None} for role in ("verifier", "small", "medium")}
 RAY_SETUPS = {
     "ray-serve": {},
     "ray-serve/router-drives": {"round_driver": "router"},
@@ -64,6 +64,13 @@ class _ServerThread:
         self.thread.join(10)
 
 
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _serve_app():
     path = REPO / "deploy" / "round_overhead.py"
     spec = importlib.util.spec_from_file_location("specserve_round_overhead", path)
@@ -84,16 +91,25 @@ def run_overhead(
     repeats: int = 2,
     progress=print,
     ray_setups: tuple[str, ...] | None = None,
+    drafter: str | None = None,
 ) -> dict:
     from specserve.client.client import SpecServeClient
     from specserve.serve.grpc_server import model_info_for
     from specserve.serve.service import GenerationService
 
     lm = CausalLM.load(model, dtype=dtype)
-    drafters = [
-        LocalDrafter(PromptLookupDrafter(1, 4, name="ngram"), name="ngram"),
-        LocalDrafter(EarlyExitDrafter(lm, early_exit_layers), name="small"),
-    ]
+    if drafter:  # an LM drafter of its own (MODEL@int8 ...): the app's `medium` deployment
+        from specserve.models.drafters import LMDrafter
+        from specserve.models.quantize import split_spec
+
+        base, scheme = split_spec(drafter)
+        drafter_lm = CausalLM.load(base, dtype=dtype, quantize=scheme, name=drafter)
+        lm_drafter = LocalDrafter(LMDrafter(drafter_lm, name="medium", target_vocab_size=lm.vocab_size), name="medium")
+        app_drafters = {"drafters": ["ngram", "medium"], "models": {"medium_drafter": drafter}}
+    else:  # the verifier's own early exit: the app's `small` deployment
+        lm_drafter = LocalDrafter(EarlyExitDrafter(lm, early_exit_layers), name="small")
+        app_drafters = {}
+    drafters = [LocalDrafter(PromptLookupDrafter(1, 4, name="ngram"), name="ngram"), lm_drafter]
     engine = SpeculativeEngine(LocalVerifier(lm), drafters)
     batch = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts]
 
@@ -108,7 +124,7 @@ def run_overhead(
     server = _ServerThread(service, port)
     # the Serve apps are deployed first, so their requests interleave with the others' below (this
     # VM's speed drifts by tens of % over minutes: setups run one after another would measure that)
-    ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=overrides, name=f"overhead{n}")
+    ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=_merged(app_drafters, overrides), name=f"overhead{n}")
                 for n, (setup, overrides) in enumerate(RAY_SETUPS.items())
                 if ray_setups is None or setup in ray_setups} if with_ray else {}
     import httpx2 as httpx
@@ -166,7 +182,8 @@ def run_overhead(
         for app in ray_apps.values():
             app.close()
     return {"kind": "overhead", "meta": {"model": model, "dtype": dtype, "max_new_tokens": max_new_tokens,
-                                          "prompts": len(batch), "repeats": repeats, "drafters": ["ngram", f"early-exit:{early_exit_layers}"]},
+                                          "prompts": len(batch), "repeats": repeats,
+                                          "drafters": ["ngram", drafter or f"early-exit:{early_exit_layers}"]},
             "rows": rows}
 
 

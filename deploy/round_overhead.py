@@ -73,12 +73,13 @@ class ServeApp:
                      _system_config=local_system_config())
             serve.start(http_options={"host": "127.0.0.1", "port": 20380},
                         grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
+        overrides = dict(overrides or {})
         settings = {
             "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers,
-                       "ngram_method": "prompt-lookup", "ngram_max": 4},
+                       "ngram_method": "prompt-lookup", "ngram_max": 4, **overrides.pop("models", {})},
             "drafters": ["ngram", "small"],
             "grpc_transport": grpc_transport,
-            **(overrides or {}),
+            **overrides,
         }
         self.name = name
         serve.run(build_app(settings), name=name, route_prefix=f"/{name}")

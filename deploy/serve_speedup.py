@@ -45,7 +45,7 @@ def main() -> None:
     from specserve.models.causal_lm import CausalLM
     from specserve.models.drafters import EarlyExitDrafter
     from specserve.models.ngram import PromptLookupDrafter
-    from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app
+    from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app, local_system_config
     from specserve.v1 import generation_pb2 as gen_pb
     from specserve.v1 import generation_pb2_grpc as gen_grpc
 
@@ -61,7 +61,8 @@ def main() -> None:
         LocalDrafter(EarlyExitDrafter(lm, args.layers), name="small"),
     ])
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             _system_config=local_system_config())  # as `specserve serve` starts a local Ray
     serve.start(http_options={"host": "127.0.0.1", "port": args.grpc_port + 1},
                 grpc_options={"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
     settings = {"models": {"verifier": args.model, "small_drafter": args.model, "small_drafter_layers": args.layers},
