@@ -8,6 +8,7 @@ import pytest
 
 from specserve.cascade.draft_length import DraftLengthPolicy
 from specserve.sampling.closed_form import expected_tokens_per_call
+from test_engine import verifier_lm  # noqa: F401 - fixture
 
 
 def feed_iid(policy: DraftLengthPolicy, alpha: float, rounds: int, depth: int, seed: int = 0) -> None:
@@ -199,3 +200,90 @@ def test_the_load_policy_sees_mean_drafting_seconds_with_catch_ups():
     assert policy.draft_cost == pytest.approx(0.4 / (4 * 0.5))  # the median of the later rounds
     assert policy.draft_seconds_per_position() == pytest.approx(5.6 / 16)  # the prompt prefill left out
     assert DraftLengthPolicy(4).draft_seconds_per_position() == 0.0
+
+
+# ---- two tiers: the free drafters keep drafting when the whole set does not pay -------------------
+
+
+def _feed(policy, rounds, accept, draft_seconds, verify_seconds=0.1):
+    """Run `rounds` rounds: each drafted length accepted up to `accept(tier)` positions."""
+    tiers = []
+    for _ in range(rounds):
+        k = policy.next_length()
+        tier = "free" if policy.free_only else "full"
+        tiers.append((tier, k))
+        if k == 0:
+            policy.record(0, 0, 0.0, verify_seconds)
+            continue
+        policy.record(k, min(k, accept(tier)), k * draft_seconds[tier], verify_seconds * (1 + 0.02 * k), k)
+    return tiers
+
+
+def test_tiered_policy_lets_the_free_drafters_draft_when_the_whole_set_does_not_pay():
+    from specserve.cascade.draft_length import TieredLengthPolicy
+
+    policy = TieredLengthPolicy(DraftLengthPolicy(8), DraftLengthPolicy(8))
+    # the LM-including set accepts nothing and costs half a step a position; the free drafters
+    # (nothing to pay) are right 6 positions deep
+    tiers = _feed(policy, 60, accept=lambda tier: 0 if tier == "full" else 6,
+                  draft_seconds={"full": 0.05, "free": 0.0})
+    late = tiers[20:]
+    assert sum(1 for tier, k in late if tier == "free" and k >= 4) >= 30, late
+    # the whole set is still probed now and then (the text may change), one position deep
+    assert any(tier == "full" and k == 1 for tier, k in late) and not any(tier == "full" and k > 1 for tier, k in late)
+    # each tier measured only its own rounds
+    assert policy.free.acceptance(1) > 0.8 and policy.full.acceptance(1) < 0.2
+    policy.free_only = True  # on a free round the loop's questions go to the free tier
+    assert policy.acceptance_rates(1) == policy.free.acceptance_rates(1)
+
+
+def test_tiered_policy_is_the_whole_set_while_it_pays():
+    from specserve.cascade.draft_length import TieredLengthPolicy
+
+    policy = TieredLengthPolicy(DraftLengthPolicy(8), DraftLengthPolicy(8))
+    tiers = _feed(policy, 40, accept=lambda tier: 5, draft_seconds={"full": 0.005, "free": 0.0})
+    assert all(tier == "full" for tier, _ in tiers) and sum(k for _, k in tiers[10:]) > 60
+
+
+def test_loop_drafts_with_the_free_drafters_alone_once_the_lm_does_not_pay(verifier_lm):  # noqa: F811
+    """An LM drafter that is always wrong and a free one that always knows the answer: after a few
+    rounds the LM is only probed, the free drafter drafts deep, and the output is plain greedy."""
+    import asyncio
+
+    from specserve.engine import GenerationRequest
+    from specserve.engine.local import LocalDrafter, LocalVerifier
+    from specserve.engine.loop import DecodeLoop
+    from specserve.models.base import DraftProposal
+    from specserve.sampling.params import SamplingParams
+
+    prompt = list(range(5, 17))
+    plain = verifier_lm.plain_generate(prompt, 40, SamplingParams())
+
+    class Oracle:  # model-free: it reads the answer off plain decoding
+        name, model_free = "oracle", True
+
+        def propose(self, context, num_tokens, params=None, generator=None):
+            done = len(context) - len(prompt)
+            return DraftProposal(plain[done:done + num_tokens], None, self.name)
+
+    class Wrong:  # costly and useless: a token no greedy step picks (its argmax is never 0 here)
+        name = "wrong"
+
+        def __init__(self):
+            self.calls = 0
+
+        def propose(self, context, num_tokens, params=None, generator=None):
+            self.calls += 1
+            import time
+
+            time.sleep(0.02)
+            return DraftProposal([0] * num_tokens, None, self.name)
+
+    assert 0 not in plain
+    wrong = Wrong()
+    loop = DecodeLoop(LocalVerifier(verifier_lm), [LocalDrafter(wrong, name="wrong"), LocalDrafter(Oracle(), name="oracle")])
+    tokens, stats = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=40, rule="greedy",
+                                                                draft_length=8)))
+    assert tokens == plain
+    assert stats.tokens_per_step > 2.0, stats
+    assert wrong.calls < stats.rounds / 2, (wrong.calls, stats.rounds)

@@ -73,6 +73,7 @@ class DraftLengthPolicy:
     draft_rounds: int = 0  # rounds that drafted (timed or not)
     draft_ratios: deque = field(default_factory=deque)  # recent draft seconds / (depth * verify seconds)
     draft_spend: deque = field(default_factory=deque)  # recent (draft seconds, drafted depth), every drafting round
+    free_only = False  # one tier: every drafter drafts what it hands out (TieredLengthPolicy below)
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -238,3 +239,54 @@ class DraftLengthPolicy:
             self.draft_ratios.append(draft_seconds / (drafted_depth * step))
             if len(self.draft_ratios) > self.window:
                 self.draft_ratios.popleft()
+
+
+@dataclass
+class TieredLengthPolicy:
+    """Draft lengths for a drafter set that mixes costly drafters (an LM) with free ones (n-gram,
+    suffix, prompt lookup): when the whole set does not pay, the free drafters alone may.
+
+    One DraftLengthPolicy for the whole set and one for the free drafters alone, each fed only
+    the rounds it handed out (verifier-only rounds feed both: they time a step). Each round the
+    whole set's policy goes first, probes included; only when it says "plain decoding" does the
+    free drafters' policy decide, and then only they draft (`free_only`). Without it one policy
+    over the merged set switched the free drafters off with the LM: an early exit that did not
+    pay on a summarization prompt stopped prompt lookup copying from it (1.05 tokens a step).
+    The loop's other questions (rates, costs, the next best length) go to whichever tier drafted."""
+
+    full: DraftLengthPolicy
+    free: DraftLengthPolicy
+    free_only: bool = False  # the last length handed out was the free tier's
+
+    @property
+    def active(self) -> DraftLengthPolicy:
+        return self.free if self.free_only else self.full
+
+    def next_length(self, nodes_per_position: float = 1.0) -> int:
+        k = self.full.next_length(nodes_per_position)
+        self.free_only = False
+        if k > 0 or self.full.step_rounds < self.full.measure_step_rounds:
+            return k
+        k = self.free.next_length(nodes_per_position)
+        self.free_only = k > 0
+        return k
+
+    def record(self, drafted_depth: int, accepted_length: int, draft_seconds: float = 0.0,
+               verify_seconds: float = 0.0, tree_nodes: int | None = None) -> None:
+        if drafted_depth > 0:
+            self.active.record(drafted_depth, accepted_length, draft_seconds, verify_seconds, tree_nodes)
+            return
+        for policy in (self.full, self.free):  # a step's time is the same for both
+            policy.record(drafted_depth, accepted_length, draft_seconds, verify_seconds, tree_nodes)
+
+    def acceptance_rates(self, upto: int | None = None) -> list[float]:
+        return self.active.acceptance_rates(upto)
+
+    def draft_seconds_per_position(self) -> float:
+        return self.active.draft_seconds_per_position()
+
+    def best_length(self, nodes_per_position: float = 1.0) -> int:
+        return self.active.best_length(nodes_per_position)
+
+    def measured_costs(self) -> tuple[float, float] | None:
+        return self.active.measured_costs()

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 
-from ..cascade.draft_length import DraftLengthPolicy
+from ..cascade.draft_length import DraftLengthPolicy, TieredLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
@@ -117,6 +117,15 @@ class DecodeLoop:
         replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
         return [r.tree for r in replies if r is not None]
 
+    def _length_policy(self, drafters: Sequence[DrafterBackend], max_depth: int, stops_itself: bool):
+        """One DraftLengthPolicy; for a set mixing free and costly drafters, one per tier."""
+        full = DraftLengthPolicy(max_depth, node_cost=self.node_cost,
+                                 deep_prior_floor=self.min_draft_confidence if stops_itself else 0.0)
+        free = [d for d in drafters if is_model_free(d)]
+        if not free or len(free) == len(drafters):
+            return full
+        return TieredLengthPolicy(full, DraftLengthPolicy(max_depth, node_cost=self.node_cost))
+
     async def rounds(
         self, request: GenerationRequest, stats: GenerationStats | None = None
     ) -> AsyncIterator[RoundResult]:
@@ -141,9 +150,7 @@ class DecodeLoop:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
         stops_itself = not all(is_model_free(d) for d in drafters)
-        policy = (DraftLengthPolicy(max_depth, node_cost=self.node_cost,
-                                    deep_prior_floor=self.min_draft_confidence if stops_itself else 0.0)
-                  if self.dynamic_length else None)
+        policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
@@ -174,7 +181,9 @@ class DecodeLoop:
             drafted_ahead = depth > 0 and bool(ahead_trees)
             # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
             round_drafters = ahead_strategy.fallback_drafters(drafters) if ahead_missed else drafters
-            if explore:  # rows to measure, not drafts to bet on: the free drafters fill them
+            if explore or (policy is not None and policy.free_only):
+                # rows to measure, not drafts to bet on (explore), or the whole set does not pay
+                # this round while the free drafters alone do: the free drafters fill them
                 round_drafters = [d for d in round_drafters if is_model_free(d)] or round_drafters
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
