@@ -68,7 +68,7 @@ class RemoteDrafter:
         self.can_draft_ahead = can_draft_ahead  # an LM drafter deployment (engine/ahead.py)
         self.model_free = not can_draft_ahead  # the n-gram deployment: its drafts cost ~nothing
         self._handle = handle
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
         self._grpc_transport = grpc_transport
         self._affinity = affinity
 
@@ -78,7 +78,7 @@ class RemoteDrafter:
         encoding = convert.row_encoding_for_rule(call.rule) if call.rule else int_pb.ROW_ENCODING_EXACT
         payload = convert.draft_call_to_proto(call, encoding).SerializeToString()
         try:
-            raw = await _call(self._handle, "draft", payload, call.session_id, self._timeout_s,
+            raw = await _call(self._handle, "draft", payload, call.session_id, self.timeout_s,
                               self._grpc_transport, self._affinity)
         except asyncio.CancelledError:
             raise
@@ -90,7 +90,7 @@ class RemoteDrafter:
         encoding = convert.row_encoding_for_rule(call.rule) if call.rule else int_pb.ROW_ENCODING_EXACT
         payload = convert.ahead_call_to_proto(call, encoding).SerializeToString()
         try:
-            raw = await _call(self._handle, "draft_ahead", payload, call.session_id, self._timeout_s,
+            raw = await _call(self._handle, "draft_ahead", payload, call.session_id, self.timeout_s,
                               self._grpc_transport, self._affinity)
         except asyncio.CancelledError:
             raise
@@ -107,19 +107,19 @@ class RemoteVerifier:
     def __init__(self, handle: Any, *, timeout_s: float, attempts: int = 2,
                  grpc_transport: bool = True, affinity: bool = True, retry_backoff_s: float = 1.0) -> None:
         self._handle = handle
-        self._timeout_s = timeout_s
-        self._attempts = attempts
-        self._retry_backoff_s = retry_backoff_s
+        self.timeout_s = timeout_s  # per call; per streamed round for stream_rounds
+        self.attempts = attempts
+        self.retry_backoff_s = retry_backoff_s
         self._grpc_transport = grpc_transport
         self._affinity = affinity
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
         payload = convert.verify_call_to_proto(call).SerializeToString()
         errors = []
-        for attempt in range(self._attempts):
+        for attempt in range(self.attempts):
             start = time.monotonic()
             try:
-                raw = await _call(self._handle, "verify", payload, call.session_id, self._timeout_s,
+                raw = await _call(self._handle, "verify", payload, call.session_id, self.timeout_s,
                                   self._grpc_transport, self._affinity)
                 return convert.verify_reply_from_proto(int_pb.VerifyReply.FromString(raw))
             except asyncio.CancelledError:
@@ -128,10 +128,10 @@ class RemoteVerifier:
                 errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 logger.warning("verify attempt %d failed after %.2fs: %s", attempt + 1,
                                time.monotonic() - start, errors[-1])
-                if attempt + 1 < self._attempts:
+                if attempt + 1 < self.attempts:
                     # give Serve's router a moment to drop a dead replica before the retry
-                    await asyncio.sleep(self._retry_backoff_s)
-        raise VerifierUnavailable(f"verifier unavailable after {self._attempts} attempts: {errors[-1]}")
+                    await asyncio.sleep(self.retry_backoff_s)
+        raise VerifierUnavailable(f"verifier unavailable after {self.attempts} attempts: {errors[-1]}")
 
     def stream_rounds(self, request: GenerationRequest) -> Any:
         """One `Verifier.rounds` streaming call (round_driver "verifier"): a DeploymentResponseGenerator
@@ -169,7 +169,7 @@ class RemoteRounds:
     async def rounds(self, request: GenerationRequest) -> AsyncIterator[RoundResult]:
         streamed: list[int] = []
         errors: list[str] = []
-        for attempt in range(self.verifier._attempts):
+        for attempt in range(self.verifier.attempts):
             current = request if attempt == 0 else _resumed(request, streamed, attempt)
             if current.max_new_tokens < 1:
                 return
@@ -178,7 +178,7 @@ class RemoteRounds:
             try:
                 while True:
                     try:
-                        async with asyncio.timeout(self.verifier._timeout_s):
+                        async with asyncio.timeout(self.verifier.timeout_s):
                             result = await anext(stream)
                     except StopAsyncIteration:
                         done = True
@@ -201,9 +201,9 @@ class RemoteRounds:
             finally:
                 if not done:
                     stream.cancel()  # a consumer that left, or a broken call: stop the replica's loop
-            if attempt + 1 < self.verifier._attempts:
-                await asyncio.sleep(self.verifier._retry_backoff_s)
-        raise VerifierUnavailable(f"verifier unavailable after {self.verifier._attempts} attempts: {errors[-1]}")
+            if attempt + 1 < self.verifier.attempts:
+                await asyncio.sleep(self.verifier.retry_backoff_s)
+        raise VerifierUnavailable(f"verifier unavailable after {self.verifier.attempts} attempts: {errors[-1]}")
 
 
 def _resumed(request: GenerationRequest, streamed: list[int], attempt: int) -> GenerationRequest:
