@@ -28,6 +28,7 @@ from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.models.causal_lm import CausalLM
 from specserve.models.drafters import EarlyExitDrafter
 from specserve.models.ngram import PromptLookupDrafter
+from specserve.serve.settings import deep_merge
 
 from .prompts import Prompt, encode_chat
 from .systems import stop_token_ids
@@ -62,13 +63,6 @@ class _ServerThread:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-def _merged(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _serve_app():
@@ -124,7 +118,7 @@ def run_overhead(
     server = _ServerThread(service, port)
     # the Serve apps are deployed first, so their requests interleave with the others' below (this
     # VM's speed drifts by tens of % over minutes: setups run one after another would measure that)
-    ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=_merged(app_drafters, overrides), name=f"overhead{n}")
+    ray_apps = {setup: _serve_app()(model, early_exit_layers, overrides=deep_merge(app_drafters, overrides), name=f"overhead{n}")
                 for n, (setup, overrides) in enumerate(RAY_SETUPS.items())
                 if ray_setups is None or setup in ray_setups} if with_ray else {}
     import httpx2 as httpx

@@ -66,6 +66,7 @@ class ServeApp:
         from ray import serve
 
         from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app, local_system_config
+        from specserve.serve.settings import deep_merge
         from specserve.v1 import generation_pb2_grpc as gen_grpc
 
         if not ray.is_initialized():  # started as `specserve serve` starts one (serve/app.py run_local)
@@ -73,14 +74,12 @@ class ServeApp:
                      _system_config=local_system_config())
             serve.start(http_options={"host": "127.0.0.1", "port": 20380},
                         grpc_options={"port": 20351, "grpc_servicer_functions": [GRPC_SERVICER_FUNCTION]})
-        overrides = dict(overrides or {})
-        settings = {
+        settings = deep_merge({
             "models": {"verifier": model, "small_drafter": model, "small_drafter_layers": layers,
-                       "ngram_method": "prompt-lookup", "ngram_max": 4, **overrides.pop("models", {})},
+                       "ngram_method": "prompt-lookup", "ngram_max": 4},
             "drafters": ["ngram", "small"],
             "grpc_transport": grpc_transport,
-            **overrides,
-        }
+        }, overrides or {})
         self.name = name
         serve.run(build_app(settings), name=name, route_prefix=f"/{name}")
         self._channel = grpc.insecure_channel("127.0.0.1:20351")

@@ -164,10 +164,15 @@ class DraftLengthPolicy:
                 best_k, best = k, value
         return best_k
 
+    @property
+    def timing_a_step(self) -> bool:
+        """Still handing out the verifier-only rounds that time a step (no drafting yet)."""
+        return self.step_rounds < self.measure_step_rounds
+
     # ---- the loop's two calls ---------------------------------------------------
     def next_length(self, nodes_per_position: float = 1.0) -> int:
         self.rounds_seen += 1
-        if self.step_rounds < self.measure_step_rounds:
+        if self.timing_a_step:
             # round 1 holds the prompt prefill (untimed, and plain decoding pays it too); the
             # next ones time a verifier-only step
             return 0
@@ -265,7 +270,7 @@ class TieredLengthPolicy:
     def next_length(self, nodes_per_position: float = 1.0) -> int:
         k = self.full.next_length(nodes_per_position)
         self.free_only = False
-        if k > 0 or self.full.step_rounds < self.full.measure_step_rounds:
+        if k > 0 or self.full.timing_a_step:
             return k
         k = self.free.next_length(nodes_per_position)
         self.free_only = k > 0

@@ -123,11 +123,12 @@ _ROLE_DEFAULTS = {
 _GPU_SHARE = {"ngram": 0.0, "small": 0.25, "medium": 0.5, "verifier": 1.0, "router": 0.0}
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, nested dicts merged key by key (settings overrides, bench variants)."""
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -223,7 +224,7 @@ class AppSettings(_Strict):
             given = data.get(role)
             if isinstance(given, DeploymentSettings):
                 given = given.model_dump(exclude_unset=True)
-            data[role] = _deep_merge(base, given or {})
+            data[role] = deep_merge(base, given or {})
         return data
 
     @model_validator(mode="after")
