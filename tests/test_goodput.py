@@ -345,3 +345,68 @@ def test_catch_up_cost_is_learnt_per_token_and_keeps_cold_streams_capped():
     cold = [CallDemand(want=2, rates=(0.8, 0.8), draft_seconds=0.02, catch_up_seconds=cost.seconds_for(300))
             for _ in range(2)]
     assert choose_depth_cap(cold, model).cap == 0  # 1.2 s of re-reading per call does not
+
+
+def test_a_lone_call_that_would_catch_up_waits_for_a_shared_pass():
+    """While others are active a lone pass keeps the shared cap, except for a call whose LM
+    drafters would first re-read unseen text: the others would wait through it unweighed."""
+    planner = PassPlanner()
+    planner.costs = fitted(CURVES["gpu"])
+    planner.saw(["a", "b"])
+    assert planner.depth_cap([CallDemand(want=3, rates=(0.9,) * 3) for _ in range(2)]) == 3
+    assert planner.lone_cap("a") == 3
+    assert planner.lone_cap("a", catch_up_seconds=1.5) == 0
+    for _ in range(8):  # b leaves the planner's memory: alone, nothing is capped
+        planner.saw(["a"])
+    assert planner.lone_cap("a", catch_up_seconds=1.5) == -1
+
+
+class RecordingDrafter(LocalDrafter):
+    """Records (session, committed length) of every draft call."""
+
+    def __init__(self, drafter, name):
+        super().__init__(drafter, name)
+        self.calls: list[tuple[str, int]] = []
+
+    async def draft(self, call):
+        self.calls.append((call.session_id, len(call.committed)))
+        return await super().draft(call)
+
+
+class Capping:
+    """A verifier whose every reply carries `cap` (>= 0: a shared pass under load; -1: alone),
+    recording what each call announced."""
+
+    name = "verifier"
+
+    def __init__(self, inner, cap):
+        self.inner, self.cap = inner, cap
+        self.calls: list[tuple[int, int]] = []  # (committed length, want_depth)
+
+    async def verify(self, call):
+        self.calls.append((len(call.committed), call.want_depth))
+        reply = await self.inner.verify(call)
+        reply.depth_cap = self.cap
+        return reply
+
+
+@pytest.mark.parametrize("cap", [-1, 4])
+def test_under_load_an_lm_drafter_reads_a_new_prompt_only_after_a_cap_weighed_it(verifier_lm, twin_lm, cap):  # noqa: F811
+    """A new request's first LM draft reads its whole prompt, and under load every stream of the
+    pass waits through it: the LM joins one round after the call that announced the depth it wants
+    (with that catch-up cost), the model-free drafter drafting meanwhile. Alone it joins at once."""
+    lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
+    free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
+    verifier = Capping(LocalVerifier(verifier_lm), cap)
+    loop = DecodeLoop(verifier, [lm_drafter, free])
+    prompt = random_ids(10, seed=71) * 2  # 20 tokens: a catch-up (>= 16 unseen), and something to copy
+    tokens, _ = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=16, rule="greedy",
+                                                            draft_length=4)))
+    assert tokens == verifier_lm.plain_generate(prompt, 16, SamplingParams())
+    first_free, first_lm = free.calls[0][1], lm_drafter.calls[0][1]
+    if cap < 0:
+        assert first_lm == first_free  # alone: both draft from the first drafting round
+    else:
+        assert first_lm > first_free  # the free drafter alone in the first drafting round
+        announced = [want for length, want in verifier.calls if length < first_lm]
+        assert announced[-1] > 0  # the verify call before the LM's first draft asked to draft

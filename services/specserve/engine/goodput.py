@@ -214,11 +214,15 @@ class PassPlanner:
         """A pass ran with these sessions."""
         self._recent.append(frozenset(session_ids))
 
-    def lone_cap(self, session_id: str) -> int:
+    def lone_cap(self, session_id: str, catch_up_seconds: float = 0.0) -> int:
         """The cap for a call alone in its pass: the last shared cap while other sessions are
-        active (seen in the last passes), else none (-1)."""
+        active (seen in the last passes), else none (-1). A call whose LM drafters would first
+        catch up (catch_up_seconds > 0) gets 0 while others are active: the others would wait
+        through that re-read, and only a shared pass weighs it against what drafting buys."""
         others = set().union(*self._recent) - {session_id} if self._recent else set()
-        return self.last_cap if others else -1
+        if not others:
+            return -1
+        return 0 if catch_up_seconds > 0 and self.last_cap > 0 else self.last_cap
 
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""

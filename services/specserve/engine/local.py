@@ -247,7 +247,7 @@ class LocalVerifier:
         for i in alone:
             lone_cap = -1
             if self.goodput_caps and i not in batched and calls[i].rule != "mcsd-ti":
-                lone_cap = self.planner.lone_cap(calls[i].session_id)  # others active: keep the shared cap
+                lone_cap = self.planner.lone_cap(calls[i].session_id, calls[i].catch_up_seconds)  # others active
                 if lone_cap >= 0 and len(calls[i].tree) and calls[i].tree.max_depth > lone_cap:
                     calls = list(calls)
                     calls[i] = dataclasses.replace(calls[i], tree=merge_trees([calls[i].tree], max_depth=lone_cap))

@@ -14,7 +14,8 @@ a strategy of engine/ahead.py drafts the next one (the full-acceptance bet of
 the reply is in, and drafts as usual otherwise. Only the timing changes, never the output law.
 
 Under load the verifier caps the draft depth of each shared pass (engine/goodput.py); the loop
-tells it what its policy wants and drafts no deeper than the last cap.
+tells it what its policy wants and drafts no deeper than the last cap. LM drafters that would
+first re-read unseen text (a new request's prompt) join only after a cap that weighed it.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class DecodeLoop:
         explore = False  # that cap was raised only to measure deeper rows (VerifyReply.explore)
         catch_up = self._catch_up.setdefault(tuple(d.name for d in drafters), CatchUpCost())
         seen = 0  # committed tokens the drafters had seen at their last draft
+        announced = False  # the last verify call wanted drafting, so its cap weighed the catch-up
         last_verify_seconds = 0.0  # what drafting should fit under (drafters' scaling signal)
         while generated < request.max_new_tokens:
             started = time.perf_counter()
@@ -185,6 +187,12 @@ class DecodeLoop:
                 # rows to measure, not drafts to bet on (explore), or the whole set does not pay
                 # this round while the free drafters alone do: the free drafters fill them
                 round_drafters = [d for d in round_drafters if is_model_free(d)] or round_drafters
+            if depth_cap >= 0 and not announced and len(committed) - seen >= catch_up.min_tokens:
+                # under load, LM drafters that would first re-read unseen text (a new request's
+                # whole prompt: seconds on a CPU, while every stream of the pass waits) wait one
+                # round: this call now announces the depth it wants with that catch-up cost, and the
+                # verifier's next cap says whether the pass lets them (engine/goodput.py)
+                round_drafters = [d for d in round_drafters if is_model_free(d)]
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
@@ -267,6 +275,7 @@ class DecodeLoop:
                 roots = list(reply.next_roots)
             verify_seconds = time.perf_counter() - verify_started
             depth_cap, explore = reply.depth_cap, reply.explore
+            announced = want > 0
             last_verify_seconds = verify_seconds
             if depth_cap >= 0 and len(tree) and tree.max_depth > depth_cap:
                 # the verifier cut the tree to the shared pass's cap: account for what it verified
