@@ -231,8 +231,9 @@ def test_remote_verifier_succeeds_on_retry():
 
 
 class FakeStreams:
-    """A DeploymentHandle stand-in for streaming calls: the i-th call streams `scripts[i]` (RoundResults,
-    or an exception to raise there), and records its options, its request and whether it was cancelled."""
+    """A DeploymentHandle stand-in for streaming calls, speaking the wire format of `Verifier.rounds`
+    (a RoundsCall in, RoundReply messages out): the i-th call streams `scripts[i]` (RoundResults, or an
+    exception to raise there), and records its options, its request and whether it was cancelled."""
 
     def __init__(self, *scripts):
         self.scripts = list(scripts)
@@ -244,9 +245,12 @@ class FakeStreams:
         self.calls.append(options)
         return self
 
-    def remote(self, request):
+    def remote(self, payload: bytes):
+        from specserve.serve import convert
+        from specserve.v1 import internal_pb2 as int_pb
+
         index = len(self.requests)
-        self.requests.append(request)
+        self.requests.append(convert.rounds_call_from_proto(int_pb.RoundsCall.FromString(payload)))
         streams = self
 
         class Stream:
@@ -262,7 +266,7 @@ class FakeStreams:
                     raise StopAsyncIteration
                 if isinstance(item, BaseException):
                     raise item
-                return item
+                return convert.round_reply_to_proto(item).SerializeToString()
 
             def cancel(self):
                 streams.cancelled.append(index)

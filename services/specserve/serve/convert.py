@@ -4,7 +4,8 @@ Public side: `request_from_proto` turns a *validated* `GenerateRequest` into the
 `GenerationRequest`; the stats helpers fill the reply messages.
 
 Internal side (router <-> drafters/verifier, proto/specserve/v1/internal.proto): DraftCall, DraftReply,
-VerifyCall, VerifyReply and TokenTree, including draft probability rows. How rows travel is chosen per
+VerifyCall, VerifyReply and TokenTree, including draft probability rows; and the verifier replica's
+rounds stream (RoundsCall in, a RoundReply per round out). How rows travel is chosen per
 rule by `row_encoding_for_rule` (documented in internal.proto):
 
 * OMIT  - greedy / tas never read the draft law, so no row crosses the wire. A decoded proposal then has
@@ -148,6 +149,14 @@ def _sampling_from_proto(m: int_pb.SamplingParams) -> SamplingParams:
     return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p)
 
 
+def _rule_params_to_proto(rp: RuleParams) -> int_pb.RuleParams:
+    return int_pb.RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha)
+
+
+def _rule_params_from_proto(m: int_pb.RuleParams) -> RuleParams:
+    return RuleParams(delta=m.delta, tas_epsilon=m.tas_epsilon, tas_alpha=m.tas_alpha)
+
+
 def draft_call_to_proto(call: DraftCall, row_encoding: int = int_pb.ROW_ENCODING_EXACT) -> int_pb.DraftCall:
     return int_pb.DraftCall(
         session_id=call.session_id,
@@ -238,14 +247,13 @@ def draft_reply_from_proto(msg: int_pb.DraftReply) -> DraftReply:
 
 
 def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
-    rp = call.rule_params
     return int_pb.VerifyCall(
         session_id=call.session_id,
         committed=call.committed,
         tree=tree_to_proto(call.tree, row_encoding_for_rule(call.rule)),
         sampling=_sampling_to_proto(call.sampling),
         rule=call.rule,
-        rule_params=int_pb.RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
+        rule_params=_rule_params_to_proto(call.rule_params),
         seed=call.seed,
         ti_width=call.ti_width,
         want_depth=call.want_depth,
@@ -256,14 +264,13 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
 
 
 def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
-    rp = msg.rule_params
     return VerifyCall(
         session_id=msg.session_id,
         committed=list(msg.committed),
         tree=tree_from_proto(msg.tree),
         sampling=_sampling_from_proto(msg.sampling),
         rule=msg.rule,
-        rule_params=RuleParams(delta=rp.delta, tas_epsilon=rp.tas_epsilon, tas_alpha=rp.tas_alpha),
+        rule_params=_rule_params_from_proto(msg.rule_params),
         seed=msg.seed,
         ti_width=msg.ti_width,
         want_depth=msg.want_depth,
@@ -294,6 +301,76 @@ def verify_reply_from_proto(msg: int_pb.VerifyReply) -> VerifyReply:
         next_roots=list(msg.next_roots),
         depth_cap=msg.depth_cap,
         explore=msg.explore,
+    )
+
+
+def rounds_call_to_proto(request: GenerationRequest) -> int_pb.RoundsCall:
+    """A whole request for a verifier replica's decode loop (round_driver "verifier")."""
+    msg = int_pb.RoundsCall(
+        prompt_ids=request.prompt_ids,
+        max_new_tokens=request.max_new_tokens,
+        sampling=_sampling_to_proto(request.sampling),
+        rule=request.rule,
+        rule_params=_rule_params_to_proto(request.rule_params),
+        draft_length=request.draft_length,
+        tree_config=request.tree_config or (),
+        has_drafters=request.drafters is not None,
+        drafters=request.drafters or (),
+        stop_token_ids=request.stop_token_ids,
+        session_id=request.session_id,
+    )
+    if request.seed is not None:
+        msg.seed = request.seed
+    return msg
+
+
+def rounds_call_from_proto(msg: int_pb.RoundsCall) -> GenerationRequest:
+    return GenerationRequest(
+        prompt_ids=list(msg.prompt_ids),
+        max_new_tokens=msg.max_new_tokens,
+        sampling=_sampling_from_proto(msg.sampling),
+        rule=msg.rule,
+        rule_params=_rule_params_from_proto(msg.rule_params),
+        draft_length=msg.draft_length,
+        tree_config=tuple(msg.tree_config) or None,
+        drafters=tuple(msg.drafters) if msg.has_drafters else None,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        session_id=msg.session_id,
+    )
+
+
+def round_reply_to_proto(r: RoundResult) -> int_pb.RoundReply:
+    return int_pb.RoundReply(
+        tokens=r.tokens,
+        num_drafted=r.num_drafted,
+        num_accepted=r.num_accepted,
+        accepted_by_drafter=r.accepted_by_drafter,
+        drafted_by_drafter=r.drafted_by_drafter,
+        finished=r.finished,
+        finish_reason=r.finish_reason,
+        draft_seconds=r.draft_seconds,
+        verify_seconds=r.verify_seconds,
+        drafted_depth=r.drafted_depth,
+        drafted_ahead=r.drafted_ahead,
+        ahead_status=r.ahead_status,
+    )
+
+
+def round_reply_from_proto(msg: int_pb.RoundReply) -> RoundResult:
+    return RoundResult(
+        tokens=list(msg.tokens),
+        num_drafted=msg.num_drafted,
+        num_accepted=msg.num_accepted,
+        accepted_by_drafter=dict(msg.accepted_by_drafter),
+        drafted_by_drafter=dict(msg.drafted_by_drafter),
+        finished=msg.finished,
+        finish_reason=msg.finish_reason,
+        draft_seconds=msg.draft_seconds,
+        verify_seconds=msg.verify_seconds,
+        drafted_depth=msg.drafted_depth,
+        drafted_ahead=msg.drafted_ahead,
+        ahead_status=msg.ahead_status,
     )
 
 

@@ -178,15 +178,16 @@ class Verifier:
         reply = await self.worker.verify(convert.verify_call_from_proto(int_pb.VerifyCall.FromString(payload)))
         return convert.verify_reply_to_proto(reply).SerializeToString()
 
-    async def rounds(self, request) -> AsyncIterator:
-        """A whole request, round by round (engine GenerationRequest in, RoundResults out)."""
+    async def rounds(self, payload: bytes) -> AsyncIterator[bytes]:
+        """A whole request, round by round: an internal RoundsCall in, a RoundReply per round out."""
         if self.loop is None:
             raise TypeError("this verifier was deployed with round_driver 'router': it only verifies")
         from contextlib import aclosing
 
+        request = convert.rounds_call_from_proto(int_pb.RoundsCall.FromString(payload))
         async with aclosing(self.loop.rounds(request)) as rounds:
             async for result in rounds:
-                yield result
+                yield convert.round_reply_to_proto(result).SerializeToString()
 
     def end_session(self, session_id: str) -> None:
         self.worker.end_session(session_id)

@@ -135,13 +135,13 @@ class RemoteVerifier:
 
     def stream_rounds(self, request: GenerationRequest) -> Any:
         """One `Verifier.rounds` streaming call (round_driver "verifier"): a DeploymentResponseGenerator
-        of RoundResults. The engine's dataclasses travel pickled: they are Python on both ends."""
+        of serialized RoundReply messages (the request goes as a RoundsCall, internal.proto)."""
         options: dict = {"method_name": "rounds", "stream": True}
         if self._affinity and request.session_id:
             options["session_id"] = request.session_id
         if self._grpc_transport:
             options["_by_reference"] = False
-        return self._handle.options(**options).remote(request)
+        return self._handle.options(**options).remote(convert.rounds_call_to_proto(request).SerializeToString())
 
     def end_session(self, session_id: str) -> None:
         """Free the session's KV cache on the replica that holds it (fire and forget: the LRU
@@ -179,7 +179,7 @@ class RemoteRounds:
                 while True:
                     try:
                         async with asyncio.timeout(self.verifier.timeout_s):
-                            result = await anext(stream)
+                            result = convert.round_reply_from_proto(int_pb.RoundReply.FromString(await anext(stream)))
                     except StopAsyncIteration:
                         done = True
                         return

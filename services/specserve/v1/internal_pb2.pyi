@@ -236,3 +236,73 @@ class VerifyReply(_message.Message):
     depth_cap: int
     explore: bool
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., path: _Optional[_Iterable[int]] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., seconds: _Optional[float] = ..., next_roots: _Optional[_Iterable[int]] = ..., depth_cap: _Optional[int] = ..., explore: _Optional[bool] = ...) -> None: ...
+
+class RoundsCall(_message.Message):
+    __slots__ = ("prompt_ids", "max_new_tokens", "sampling", "rule", "rule_params", "draft_length", "tree_config", "has_drafters", "drafters", "seed", "stop_token_ids", "session_id")
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    RULE_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TREE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    HAS_DRAFTERS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTERS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    rule: str
+    rule_params: RuleParams
+    draft_length: int
+    tree_config: _containers.RepeatedScalarFieldContainer[int]
+    has_drafters: bool
+    drafters: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    session_id: str
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., draft_length: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., has_drafters: _Optional[bool] = ..., drafters: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class RoundReply(_message.Message):
+    __slots__ = ("tokens", "num_drafted", "num_accepted", "accepted_by_drafter", "drafted_by_drafter", "finished", "finish_reason", "draft_seconds", "verify_seconds", "drafted_depth", "drafted_ahead", "ahead_status")
+    class AcceptedByDrafterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DraftedByDrafterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_BY_DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_BY_DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_STATUS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    num_drafted: int
+    num_accepted: int
+    accepted_by_drafter: _containers.ScalarMap[str, int]
+    drafted_by_drafter: _containers.ScalarMap[str, int]
+    finished: bool
+    finish_reason: str
+    draft_seconds: float
+    verify_seconds: float
+    drafted_depth: int
+    drafted_ahead: bool
+    ahead_status: str
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., num_drafted: _Optional[int] = ..., num_accepted: _Optional[int] = ..., accepted_by_drafter: _Optional[_Mapping[str, int]] = ..., drafted_by_drafter: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., drafted_depth: _Optional[int] = ..., drafted_ahead: _Optional[bool] = ..., ahead_status: _Optional[str] = ...) -> None: ...
