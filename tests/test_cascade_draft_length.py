@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import pytest
 
@@ -287,3 +288,52 @@ def test_loop_drafts_with_the_free_drafters_alone_once_the_lm_does_not_pay(verif
     assert tokens == plain
     assert stats.tokens_per_step > 2.0, stats
     assert wrong.calls < stats.rounds / 2, (wrong.calls, stats.rounds)
+
+
+def test_a_policy_can_start_from_an_earlier_requests_costs():
+    """Step, pass and drafting times carry over (they are the machine's); acceptance does not."""
+    earlier = DraftLengthPolicy(6, forget=1.0)
+    for _ in range(3):
+        earlier.next_length()
+    for _ in range(2):
+        earlier.record(0, 0, 0.0, 0.1, tree_nodes=0)
+    for n in (2, 6, 4, 3, 5):
+        earlier.record(n, n, 0.002 * n, 0.1 + 0.001 * n, tree_nodes=n)
+    fresh = DraftLengthPolicy(6, forget=1.0)
+    assert fresh.timing_a_step
+    fresh.carry_costs_from(earlier)
+    assert not fresh.timing_a_step and fresh.next_length() > 0  # drafts from its first round
+    assert fresh.measured_costs() == earlier.measured_costs() and fresh.draft_cost == earlier.draft_cost
+    assert fresh.acceptance_rates() == DraftLengthPolicy(6).acceptance_rates()  # the prior, not the earlier text's
+    fresh.record(0, 0, 0.0, 0.3, tree_nodes=0)
+    assert len(earlier.step_times) == 2  # copies: the earlier request's samples are its own
+
+
+def test_the_loop_times_a_step_once_per_drafter_set_not_per_request(verifier_lm):  # noqa: F811
+    """The first request of a drafter set spends its first rounds timing a verifier step; the next
+    one drafts from its first round, and both are plain greedy."""
+    import asyncio
+
+    from specserve.engine import GenerationRequest
+    from specserve.engine.local import LocalDrafter, LocalVerifier
+    from specserve.engine.loop import DecodeLoop
+    from specserve.models.ngram import PromptLookupDrafter
+    from specserve.sampling.params import SamplingParams
+
+    loop = DecodeLoop(LocalVerifier(verifier_lm), [LocalDrafter(PromptLookupDrafter(), name="prompt-lookup")])
+    for prompt, first_rounds_drafted in ((list(range(5, 17)) * 2, False), (list(range(30, 41)) * 2, True)):
+        if first_rounds_drafted:  # what the first request measured, made noise-free (a tiny model's ms jitter)
+            measured = loop._last_policy[("prompt-lookup",)]
+            measured.step_times = deque([0.1] * 4)
+            measured.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4))
+            measured.draft_ratios = deque([0.0] * 4)
+        request = GenerationRequest(prompt_ids=prompt, max_new_tokens=24, rule="greedy", draft_length=6)
+
+        async def run():
+            return [r async for r in loop.rounds(request)]
+
+        rounds = asyncio.run(run())
+        assert [t for r in rounds for t in r.tokens] == verifier_lm.plain_generate(prompt, 24, SamplingParams())
+        assert (rounds[0].drafted_depth > 0) == first_rounds_drafted, [r.drafted_depth for r in rounds[:4]]
+        if not first_rounds_drafted:
+            assert [r.drafted_depth for r in rounds[:3]] == [0, 0, 0]

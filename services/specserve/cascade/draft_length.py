@@ -19,7 +19,9 @@ rows on a 2-core box, most of it the vocabulary projection per row). From the la
   jump = median over tree rounds of time / step - 1 - node * n,
 with priors (jump_cost, node_cost) until there is data. Medians, because the first passes of
 each new shape and load spikes on a shared machine are slow outliers. Two verifier-only
-rounds run first in every request (after the prefill round), so `step` is always measured.
+rounds run first (after the prefill round), so `step` is always measured; a request that starts
+from an earlier one's measurements (`carry_costs_from`, what the decode loop does per drafter
+set) drafts from its first round.
 
 The drafting cost per position is the median of the same recent window of rounds, leaving out
 the first drafting round (an LM drafter prefills the prompt there).
@@ -169,6 +171,18 @@ class DraftLengthPolicy:
         """Still handing out the verifier-only rounds that time a step (no drafting yet)."""
         return self.step_rounds < self.measure_step_rounds
 
+    def carry_costs_from(self, earlier: DraftLengthPolicy) -> None:
+        """Start from what an earlier request of the same drafter set measured: step, tree-pass
+        and drafting times are the machine's and the models', not the text's, so a new request need
+        not spend its first rounds timing a step (three undrafted rounds: a tenth of a short reply).
+        Acceptance stays this request's own. The samples were taken at the earlier request's
+        context length; this request's own rounds replace them as they come (same window)."""
+        for mine, theirs in ((self.step_times, earlier.step_times), (self.tree_times, earlier.tree_times),
+                             (self.draft_ratios, earlier.draft_ratios), (self.draft_spend, earlier.draft_spend)):
+            mine.clear()
+            mine.extend(theirs)
+        self.step_rounds = earlier.step_rounds
+
     # ---- the loop's two calls ---------------------------------------------------
     def next_length(self, nodes_per_position: float = 1.0) -> int:
         self.rounds_seen += 1
@@ -295,3 +309,7 @@ class TieredLengthPolicy:
 
     def measured_costs(self) -> tuple[float, float] | None:
         return self.active.measured_costs()
+
+    def carry_costs_from(self, earlier: TieredLengthPolicy) -> None:
+        self.full.carry_costs_from(earlier.full)
+        self.free.carry_costs_from(earlier.free)

@@ -95,6 +95,8 @@ class DecodeLoop:
         self.ahead = ahead
         # per drafter set: what its LM drafters spend re-reading unseen text (engine/goodput.py)
         self._catch_up: dict[tuple[str, ...], CatchUpCost] = {}
+        # per drafter set: the newest request's length policy, whose measured costs the next starts from
+        self._last_policy: dict[tuple[str, ...], DraftLengthPolicy | TieredLengthPolicy] = {}
 
     def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
         if request.drafters is None:
@@ -152,6 +154,13 @@ class DecodeLoop:
         # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
         stops_itself = not all(is_model_free(d) for d in drafters)
         policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
+        if policy is not None:
+            # step and pass times are the machine's, not the request's: no timing rounds again
+            key = tuple(d.name for d in drafters)
+            earlier = self._last_policy.get(key)
+            if type(earlier) is type(policy):
+                policy.carry_costs_from(earlier)
+            self._last_policy[key] = policy
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
