@@ -258,7 +258,7 @@ def test_loop_drafts_with_the_free_drafters_alone_once_the_lm_does_not_pay(verif
     from specserve.sampling.params import SamplingParams
 
     prompt = list(range(5, 17))
-    plain = verifier_lm.plain_generate(prompt, 40, SamplingParams())
+    plain = verifier_lm.plain_generate(prompt, 80, SamplingParams())
 
     class Oracle:  # model-free: it reads the answer off plain decoding
         name, model_free = "oracle", True
@@ -283,7 +283,7 @@ def test_loop_drafts_with_the_free_drafters_alone_once_the_lm_does_not_pay(verif
     assert 0 not in plain
     wrong = Wrong()
     loop = DecodeLoop(LocalVerifier(verifier_lm), [LocalDrafter(wrong, name="wrong"), LocalDrafter(Oracle(), name="oracle")])
-    tokens, stats = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=40, rule="greedy",
+    tokens, stats = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=80, rule="greedy",
                                                                 draft_length=8)))
     assert tokens == plain
     assert stats.tokens_per_step > 2.0, stats

@@ -410,3 +410,39 @@ def test_under_load_an_lm_drafter_reads_a_new_prompt_only_after_a_cap_weighed_it
         assert first_lm > first_free  # the free drafter alone in the first drafting round
         announced = [want for length, want in verifier.calls if length < first_lm]
         assert announced[-1] > 0  # the verify call before the LM's first draft asked to draft
+
+
+def test_a_request_joining_others_reads_its_prompt_with_the_lm_only_after_a_cap(verifier_lm, twin_lm):  # noqa: F811
+    """Before its first reply a new request knows no cap; if other requests of the loop are running,
+    it still is under load: its first round drafts with the model-free drafters only, while a request
+    that starts alone drafts with its LM from the first round (its costs known from an earlier one)."""
+    from collections import deque
+
+    lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
+    free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
+    loop = DecodeLoop(LocalVerifier(verifier_lm), [lm_drafter, free])
+
+    def request(prompt, sid):
+        return GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy", draft_length=4, session_id=sid)
+
+    asyncio.run(loop.generate(request(random_ids(20, seed=72), "warm-up")))
+    for tier in (loop._last_policy[("twin", "prompt-lookup")].full, loop._last_policy[("twin", "prompt-lookup")].free):
+        # what the warm-up measured, made noise-free: drafting pays (a tiny model's ms jitter says anything)
+        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
+        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4))
+    alone, joining = random_ids(10, seed=73) * 2, random_ids(9, seed=74) * 2
+
+    async def main():
+        running = loop.rounds(request(alone, "alone"))
+        await running.__anext__()  # "alone" is in flight
+        joined = await loop.generate(request(joining, "joining"))
+        async for _ in running:
+            pass
+        return joined
+
+    tokens, _ = asyncio.run(main())
+    assert tokens == verifier_lm.plain_generate(joining, 12, SamplingParams())
+    assert ("alone", len(alone)) in lm_drafter.calls  # alone: its LM drafts in the first round
+    assert ("joining", len(joining)) not in lm_drafter.calls  # joining: not before a reply
+    assert ("joining", len(joining)) in free.calls  # the model-free drafter drafted it
+    assert loop._in_flight == 0

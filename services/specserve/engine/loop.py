@@ -97,6 +97,7 @@ class DecodeLoop:
         self._catch_up: dict[tuple[str, ...], CatchUpCost] = {}
         # per drafter set: the newest request's length policy, whose measured costs the next starts from
         self._last_policy: dict[tuple[str, ...], DraftLengthPolicy | TieredLengthPolicy] = {}
+        self._in_flight = 0  # requests of this loop now running (they share the verifier)
 
     def chosen_drafters(self, request: GenerationRequest) -> list[DrafterBackend]:
         if request.drafters is None:
@@ -134,6 +135,19 @@ class DecodeLoop:
     ) -> AsyncIterator[RoundResult]:
         """Run the request round by round, yielding what each round committed.
         `stats`, when given, is updated in place as rounds complete."""
+        joined_others = self._in_flight > 0  # before its first reply, the only sign of load it has
+        self._in_flight += 1
+        inner = self._rounds(request, stats, joined_others)
+        try:
+            async for result in inner:
+                yield result
+        finally:
+            self._in_flight -= 1
+            await inner.aclose()
+
+    async def _rounds(
+        self, request: GenerationRequest, stats: GenerationStats | None, joined_others: bool
+    ) -> AsyncIterator[RoundResult]:
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         if not request.prompt_ids:
@@ -196,7 +210,8 @@ class DecodeLoop:
                 # rows to measure, not drafts to bet on (explore), or the whole set does not pay
                 # this round while the free drafters alone do: the free drafters fill them
                 round_drafters = [d for d in round_drafters if is_model_free(d)] or round_drafters
-            if depth_cap >= 0 and not announced and len(committed) - seen >= catch_up.min_tokens:
+            under_load = depth_cap >= 0 or (round_index == 0 and joined_others)
+            if under_load and not announced and len(committed) - seen >= catch_up.min_tokens:
                 # under load, LM drafters that would first re-read unseen text (a new request's
                 # whole prompt: seconds on a CPU, while every stream of the pass waits) wait one
                 # round: this call now announces the depth it wants with that catch-up cost, and the
