@@ -429,7 +429,7 @@ def test_a_request_joining_others_reads_its_prompt_with_the_lm_only_after_a_cap(
     for tier in (loop._last_policy[("twin", "prompt-lookup")].full, loop._last_policy[("twin", "prompt-lookup")].free):
         # what the warm-up measured, made noise-free: drafting pays (a tiny model's ms jitter says anything)
         tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
-        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4))
+        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
     alone, joining = random_ids(10, seed=73) * 2, random_ids(9, seed=74) * 2
 
     async def main():

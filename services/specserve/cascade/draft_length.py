@@ -176,7 +176,13 @@ class DraftLengthPolicy:
         and drafting times are the machine's and the models', not the text's, so a new request need
         not spend its first rounds timing a step (three undrafted rounds: a tenth of a short reply).
         Acceptance stays this request's own. The samples were taken at the earlier request's
-        context length; this request's own rounds replace them as they come (same window)."""
+        context length; this request's own rounds replace them as they come (same window).
+        Only from a request that timed at least half a window of tree passes: a short one (a
+        warm-up) holds little more than the slow first passes of each new shape, and starting
+        from those drafted less (the README prompt after an 8-token warm-up: 9-10 rounds for 19
+        tokens instead of 8); the request then times its own steps as before."""
+        if len(earlier.tree_times) < self.window // 2 or not earlier.step_times:
+            return
         for mine, theirs in ((self.step_times, earlier.step_times), (self.tree_times, earlier.tree_times),
                              (self.draft_ratios, earlier.draft_ratios), (self.draft_spend, earlier.draft_spend)):
             mine.clear()
