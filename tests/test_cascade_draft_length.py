@@ -43,9 +43,9 @@ def test_cheap_accurate_drafts_go_deep_and_costly_ones_stop_early():
     shallow = DraftLengthPolicy(8, node_cost=0.01, draft_cost_prior=0.3, measure_step_rounds=0)  # an LM drafter
     feed_iid(shallow, 0.6, 300, 8)
     k = shallow.next_length()
-    # at alpha 0.6 and 0.3 step per drafted token the best depth is short but not zero (T(k) is
-    # flat near its top, so the exact k is what the next line pins: the argmax)
-    assert 1 <= k <= 3, f"a costly, so-so drafter drafts short but does draft: k = {k}"
+    # at alpha 0.6 and 0.3 step per drafted token the best depth is short but not zero: 2 for the
+    # rates this seeded feed leaves (T(1) and T(2) are within 1 % of each other at the exact alpha)
+    assert k == 2, f"a costly, so-so drafter drafts short but does draft: k = {k}"
     # k maximises T(k); its neighbours are no better
     value = lambda j: shallow.expected_tokens(j) / shallow.cost(j)  # noqa: E731
     assert value(k) >= max(value(j) for j in range(9))

@@ -167,14 +167,14 @@ class DecodeLoop:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
         stops_itself = not all(is_model_free(d) for d in drafters)
+        drafter_set = tuple(d.name for d in drafters)  # what the loop remembers across requests by
         policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
         if policy is not None:
             # step and pass times are the machine's, not the request's: no timing rounds again
-            key = tuple(d.name for d in drafters)
-            earlier = self._last_policy.get(key)
+            earlier = self._last_policy.get(drafter_set)
             if type(earlier) is type(policy):
                 policy.carry_costs_from(earlier)
-            self._last_policy[key] = policy
+            self._last_policy[drafter_set] = policy
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
@@ -184,7 +184,7 @@ class DecodeLoop:
         nodes_per_position = 1.0
         depth_cap = -1  # the verifier's cap from the last round (-1 = none)
         explore = False  # that cap was raised only to measure deeper rows (VerifyReply.explore)
-        catch_up = self._catch_up.setdefault(tuple(d.name for d in drafters), CatchUpCost())
+        catch_up = self._catch_up.setdefault(drafter_set, CatchUpCost())
         seen = 0  # committed tokens the drafters had seen at their last draft
         announced = False  # the last verify call wanted drafting, so its cap weighed the catch-up
         last_verify_seconds = 0.0  # what drafting should fit under (drafters' scaling signal)
