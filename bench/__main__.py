@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--streams", type=lambda s: tuple(int(x) for x in _names(s)), default=(1, 2, 4, 8))
     bp.add_argument("--drafters", type=_names, default=["ngram", "suffix", "prompt-lookup"])
     bp.add_argument("--draft-length", type=int, default=16)
+    bp.add_argument("--repeats", type=int, default=2,
+                    help="runs of each mode per level, in mirrored order (cancels the VM's drift)")
     _common(bp)
 
     ap = sub.add_parser("ahead", help="drafting ahead on separate (pinned) cores: plain, sync, full-acceptance, enumerate-select")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         from .batching import run_batching
 
         result = run_batching(args.model, prompts, args.streams, args.max_new_tokens, tuple(args.drafters),
-                              args.draft_length, args.max_prompt_tokens, args.dtype, progress=log)
+                              args.draft_length, args.max_prompt_tokens, args.dtype, args.repeats, progress=log)
         _finish(args, result, f"batching_{args.model.replace('/', '_')}")
         return 0
     if args.command == "ahead":

@@ -3,11 +3,17 @@
 The same requests (distinct Spec-Bench prompts, greedy) run through one decode loop and one
 batching verifier (calls that arrive while a pass runs share the next one, models/batched.py) by
 C concurrent streams (a closed loop: each stream takes the next prompt when its request ends, so
-every level decodes the same prompts), three ways, in rotating order:
+every level decodes the same prompts), three ways:
   plain        draft length 0: batched plain decoding, the baseline;
   spec-nocap   speculative, each request's own draft-length policy only;
   spec         speculative with the verifier's per-pass goodput cap (engine/goodput.py).
 Every run must decode the same tokens (greedy); the ratios are aggregate tokens/s over plain's.
+
+Each mode runs `repeats` times per level, in a mirrored order (A B C, then C B A, ...: the order
+also rotates from level to level). One closed-loop run of a mode takes minutes, and this kind of VM
+drifts by several % over that time: with one run each, the mode that ran last in a slow stretch lost
+by the drift. Mirroring cancels a drift that is linear in time; the figures are totals over the
+repeats, and each repeat's own ratio is kept to show the spread.
 """
 
 from __future__ import annotations
@@ -67,9 +73,30 @@ def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, 
     }
 
 
+def mirrored_orders(level: int, repeats: int) -> list[tuple[str, ...]]:
+    """The mode order of each repeat at one level: the rotated order, then its mirror, and so on."""
+    first = MODES[level % len(MODES):] + MODES[: level % len(MODES)]
+    return [first if r % 2 == 0 else first[::-1] for r in range(repeats)]
+
+
+def _pooled(runs: list[dict]) -> dict:
+    """Totals over the repeats of one mode (tokens/s = all tokens over all seconds)."""
+    seconds, tokens, rounds = (sum(r[k] for r in runs) for k in ("seconds", "tokens", "rounds"))
+    caps = [r["mean_cap"] for r in runs if r["mean_cap"] is not None]
+    return {
+        "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "rounds": rounds,
+        "tokens_per_step": tokens / max(rounds, 1),
+        "mean_batch": statistics.mean(r["mean_batch"] for r in runs),
+        "mean_cap": statistics.mean(caps) if caps else None,
+        "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+    }
+
+
 def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], max_new_tokens: int,
                  drafters: tuple[str, ...] = ("ngram", "suffix", "prompt-lookup"), draft_length: int = 16,
-                 max_prompt_tokens: int = 512, dtype: str = "float32", progress=print) -> dict:
+                 max_prompt_tokens: int = 512, dtype: str = "float32", repeats: int = 2, progress=print) -> dict:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     lm = CausalLM.load(model, dtype=dtype)
     stops = tuple(stop_token_ids(lm))
     # LM drafters load once (their caches are per session id); model-free ones are made anew per
@@ -86,29 +113,36 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
         raise ValueError(f"{max(streams)} streams need {max(streams)} prompts, got {len(ids)} (raise --per-category)")
     rows = []
     for n, count in enumerate(streams):
-        order = MODES[n % len(MODES):] + MODES[: n % len(MODES)]  # rotate the order
-        runs = {mode: _run(lm, local_drafters, ids, count, max_new_tokens, mode, draft_length, stops, str(count))
-                for mode in order}
-        plain = runs["plain"]
-        row = {"streams": count, "order": list(order)}
-        for mode, r in runs.items():
-            row[mode] = {k: v for k, v in r.items() if k != "outputs"}
-            row[mode]["ratio"] = r["tokens_per_s"] / plain["tokens_per_s"]
-        row["same_tokens"] = all(r["outputs"] == plain["outputs"] for r in runs.values())
+        orders = mirrored_orders(n, repeats)
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for r, order in enumerate(orders):
+            for mode in order:
+                runs[mode].append(_run(lm, local_drafters, ids, count, max_new_tokens, mode, draft_length, stops,
+                                       f"{count}-{r}"))
+        plain = _pooled(runs["plain"])
+        row = {"streams": count, "orders": [list(o) for o in orders]}
+        for mode in MODES:
+            row[mode] = _pooled(runs[mode])
+            row[mode]["ratio"] = row[mode]["tokens_per_s"] / plain["tokens_per_s"]
+            row[mode]["runs_ratio"] = [a / b for a, b in zip(row[mode]["runs_tokens_per_s"], plain["runs_tokens_per_s"])]
+        outputs = [run["outputs"] for mode in MODES for run in runs[mode]]
+        row["same_tokens"] = all(o == outputs[0] for o in outputs)
         rows.append(row)
         progress(f"{count} streams: plain {plain['tokens_per_s']:.1f} tok/s, spec-nocap "
                  f"{row['spec-nocap']['ratio']:.2f}x, spec (goodput cap) {row['spec']['ratio']:.2f}x "
-                 f"(mean cap {row['spec']['mean_cap']}), same tokens {row['same_tokens']}")
+                 f"(per repeat {', '.join(f'{x:.2f}' for x in row['spec']['runs_ratio'])}; "
+                 f"mean cap {row['spec']['mean_cap']}), same tokens {row['same_tokens']}")
     return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
                                          "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels, "prompts": len(ids),
+                                         "repeats": repeats,
                                          "threads": torch.get_num_threads()}, "rows": rows}
 
 
 def batching_report(result: dict) -> str:
     meta = result["meta"]
     head = ["streams", "plain batched (tok/s)", "speculative, no cap (tok/s)", "speculative, goodput cap (tok/s)",
-            "tokens/step (cap)", "mean cap", "same tokens"]
+            "cap ratio per repeat", "tokens/step (cap)", "mean cap", "same tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cap = r["spec"]["mean_cap"]
@@ -116,6 +150,7 @@ def batching_report(result: dict) -> str:
             str(r["streams"]), f"{r['plain']['tokens_per_s']:.1f}",
             f"{r['spec-nocap']['tokens_per_s']:.1f} ({r['spec-nocap']['ratio']:.2f}×)",
             f"{r['spec']['tokens_per_s']:.1f} (**{r['spec']['ratio']:.2f}×**)",
+            " / ".join(f"{x:.2f}" for x in r["spec"].get("runs_ratio", [r["spec"]["ratio"]])),
             f"{r['spec']['tokens_per_step']:.2f}", "-" if cap is None else f"{cap:.1f}",
             "yes" if r["same_tokens"] else "NO"]) + " |")
     lines.append("")
@@ -123,6 +158,7 @@ def batching_report(result: dict) -> str:
                  f"{', '.join(meta['drafters'])}, greedy, max draft length {meta['draft_length']}, max_new_tokens "
                  f"{meta['max_new_tokens']}, prompts cut to {meta.get('max_prompt_tokens', '?')} tokens, "
                  f"{meta['threads']} torch threads; {meta.get('prompts', '?')} prompts decoded by C concurrent streams "
-                 f"(closed loop), one batching verifier; aggregate tokens/s; ratios over plain batched decoding of the same streams; mean cap = mean depth "
+                 f"(closed loop), one batching verifier; aggregate tokens/s over "
+                 f"{meta.get('repeats', 1)} repeat(s) of each mode in mirrored order; ratios over plain batched decoding of the same streams; mean cap = mean depth "
                  f"cap of the shared passes (1 stream: never shared)._")
     return "\n".join(lines)

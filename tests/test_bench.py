@@ -260,13 +260,27 @@ def test_batching_bench_smoke_on_embedded_default(tmp_path):
 
     out, md = tmp_path / "batch.json", tmp_path / "B.md"
     assert main(["batch", "--streams", "2", "--per-category", "1", "--categories", "translation,qa",
-                 "--max-new-tokens", "6", "--out", str(out), "--into", str(md), "--block", "b"]) == 0
+                 "--max-new-tokens", "6", "--repeats", "2", "--out", str(out), "--into", str(md), "--block", "b"]) == 0
     result = json.loads(out.read_text())
     (row,) = result["rows"]
-    assert row["streams"] == 2 and sorted(row["order"]) == ["plain", "spec", "spec-nocap"]
+    first, second = row["orders"]
+    assert row["streams"] == 2 and sorted(first) == ["plain", "spec", "spec-nocap"] and second == first[::-1]
+    for mode in ("plain", "spec", "spec-nocap"):  # totals over both repeats, each repeat's rate kept
+        assert len(row[mode]["runs_tokens_per_s"]) == 2 and len(row[mode]["runs_ratio"]) == 2
     assert row["same_tokens"]  # fp32 greedy: batching and caps change the speed, never the tokens
     for mode in ("plain", "spec", "spec-nocap"):
         assert row[mode]["tokens"] >= 2 and row[mode]["tokens_per_s"] > 0
     assert row["plain"]["mean_batch"] == 2.0  # two plain streams: every shared pass held both of them
     assert row["plain"]["ratio"] == 1.0
-    assert "| 2 | " in md.read_text() and "goodput cap" in md.read_text()
+    assert "| 2 | " in md.read_text() and "goodput cap" in md.read_text() and "2 repeat(s)" in md.read_text()
+
+
+def test_mirrored_orders_cancel_a_linear_drift():
+    from bench.batching import MODES, mirrored_orders
+
+    orders = mirrored_orders(1, 2)
+    assert orders[0] == MODES[1:] + MODES[:1] and orders[1] == orders[0][::-1]
+    # every mode's mean slot is the same over a mirrored pair: a drift linear in time costs each alike
+    slots = {m: sum(o.index(m) for o in orders) for m in MODES}
+    assert len(set(slots.values())) == 1
+    assert mirrored_orders(0, 1) == [MODES]
