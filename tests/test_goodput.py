@@ -446,3 +446,35 @@ def test_a_request_joining_others_reads_its_prompt_with_the_lm_only_after_a_cap(
     assert ("joining", len(joining)) not in lm_drafter.calls  # joining: not before a reply
     assert ("joining", len(joining)) in free.calls  # the model-free drafter drafted it
     assert loop._in_flight == 0
+
+
+@pytest.mark.parametrize("seconds_per_token, lm_drafts", [(0.05, False), (1e-5, True)])
+def test_an_lm_re_read_is_made_only_where_the_tokens_left_pay_it_back(verifier_lm, twin_lm, seconds_per_token,
+                                                                       lm_drafts):  # noqa: F811
+    """Alone, an LM drafter that would first re-read a long unseen text (a new prompt) does so only
+    if what drafting saves per token (measured step and pass costs, acceptance) times the tokens
+    left beats the re-read's measured seconds; otherwise the model-free drafters draft alone."""
+    from collections import deque
+
+    lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
+    free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
+    loop = DecodeLoop(LocalVerifier(verifier_lm), [lm_drafter, free])
+    asyncio.run(loop.generate(GenerationRequest(prompt_ids=random_ids(20, seed=75), max_new_tokens=12,
+                                                rule="greedy", draft_length=4, session_id="warm-up")))
+    drafter_set = ("twin", "prompt-lookup")
+    for tier in (loop._last_policy[drafter_set].full, loop._last_policy[drafter_set].free):
+        # noise-free costs: a step 0.1 s, rows nearly free, drafting free (it pays at any length)
+        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
+        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+    loop._catch_up[drafter_set].rates = deque([seconds_per_token])
+    # 40 prompt tokens, 8 to generate: saving at most ~0.05 s a token (0.4 s) against a 2 s or a
+    # 0.4 ms re-read
+    prompt = random_ids(20, seed=76) * 2
+    tokens, _ = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=8, rule="greedy",
+                                                            draft_length=4, session_id="short")))
+    assert tokens == verifier_lm.plain_generate(prompt, 8, SamplingParams())
+    lm_calls = [length for sid, length in lm_drafter.calls if sid == "short"]
+    assert ("short", len(prompt)) in free.calls  # the model-free drafter drafted the first round
+    assert bool(lm_calls) is lm_drafts
+    if lm_drafts:
+        assert lm_calls[0] == len(prompt)  # from the first round, as before this rule

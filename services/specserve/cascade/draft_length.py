@@ -166,6 +166,16 @@ class DraftLengthPolicy:
                 best_k, best = k, value
         return best_k
 
+    def seconds_saved_per_token(self, k: int, nodes_per_position: float = 1.0) -> float:
+        """What drafting k positions saves per generated token against plain decoding, in seconds,
+        by the measured costs and this request's acceptance (0 before a step was timed, or where it
+        does not pay): a plain token costs a step, a drafted round cost(k) steps for
+        expected_tokens(k) tokens."""
+        if k <= 0 or not self.step_times:
+            return 0.0
+        step = statistics.median(self.step_times)
+        return max(0.0, step * (1.0 - self.cost(k, nodes_per_position) / self.expected_tokens(k)))
+
     @property
     def timing_a_step(self) -> bool:
         """Still handing out the verifier-only rounds that time a step (no drafting yet)."""
@@ -315,6 +325,9 @@ class TieredLengthPolicy:
 
     def measured_costs(self) -> tuple[float, float] | None:
         return self.active.measured_costs()
+
+    def seconds_saved_per_token(self, k: int, nodes_per_position: float = 1.0) -> float:
+        return self.active.seconds_saved_per_token(k, nodes_per_position)
 
     def carry_costs_from(self, earlier: TieredLengthPolicy) -> None:
         self.full.carry_costs_from(earlier.full)

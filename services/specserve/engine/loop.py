@@ -15,7 +15,8 @@ the reply is in, and drafts as usual otherwise. Only the timing changes, never t
 
 Under load the verifier caps the draft depth of each shared pass (engine/goodput.py); the loop
 tells it what its policy wants and drafts no deeper than the last cap. LM drafters that would
-first re-read unseen text (a new request's prompt) join only after a cap that weighed it.
+first re-read unseen text (a new request's prompt) join only after a cap that weighed it, and
+never for a re-read that the tokens left to generate cannot pay back.
 """
 
 from __future__ import annotations
@@ -217,6 +218,14 @@ class DecodeLoop:
                 # round: this call now announces the depth it wants with that catch-up cost, and the
                 # verifier's next cap says whether the pass lets them (engine/goodput.py)
                 round_drafters = [d for d in round_drafters if is_model_free(d)]
+            elif policy is not None and depth > 0 and not all(is_model_free(d) for d in round_drafters):
+                # a re-read that the rest of the request cannot pay back (a long prompt, a short
+                # answer; the tail of a request whose LM sat out under load) is not worth making:
+                # what drafting saves a token, times the tokens left, against the catch-up's seconds
+                catch_up_cost = catch_up.seconds_for(len(committed) - seen)
+                if catch_up_cost > 0 and catch_up_cost >= remaining * policy.seconds_saved_per_token(
+                        depth, nodes_per_position):
+                    round_drafters = [d for d in round_drafters if is_model_free(d)]
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
