@@ -85,6 +85,40 @@ def test_each_unit_is_the_draft_of_its_real_context(twin_lm, sampling):  # noqa:
     assert [u.bonus for u in units if u.accepted == 1] == [int(row.argmax())]
 
 
+def test_a_build_past_its_deadline_returns_every_unit_as_deep_as_it_got(twin_lm, monkeypatch):  # noqa: F811
+    """A continuation step that would end past the deadline (by the last step's time) is not
+    started: the units come back shallower, each a prefix of what the full build drafts."""
+    import time as time_module
+
+    from specserve.models.causal_lm import LMSession
+
+    drafter = LMDrafter(twin_lm, name="twin")
+    chain, fanout, greedy = [4, 19, 33], [2, 1, 1, 3], SamplingParams()
+    full = drafter.propose_ahead(PROMPT, chain, fanout, 4, greedy, session_id="full")
+    assert all(len(u.proposal.tokens) == 4 for u in full)
+    extend = LMSession.extend_scored
+
+    def slow_extend(self, tree):
+        time_module.sleep(0.3)
+        return extend(self, tree)
+
+    monkeypatch.setattr(LMSession, "extend_scored", slow_extend)
+    # steps start at ~0 and ~0.3 s; a third would start at ~0.6 s and end at ~0.9 s, past 0.75 s
+    cut = drafter.propose_ahead(PROMPT, chain, fanout, 4, greedy, session_id="cut", deadline_s=0.75)
+    assert [(u.accepted, u.bonus) for u in cut] == [(u.accepted, u.bonus) for u in full]
+    for short, whole in zip(cut, full):
+        assert short.proposal.tokens == whole.proposal.tokens[:2]
+
+
+def test_sized_builds_get_a_deadline_from_the_measured_window():
+    sized, unsized = EnumerateAndSelect(max_wait_fraction=0.25), EnumerateAndSelect(sized=False)
+    assert sized.deadline_s() == 0.0  # nothing measured yet
+    for strategy in (sized, unsized):
+        strategy.budget.record(8, 3, 0.4, 1.0)
+    assert sized.deadline_s() == pytest.approx(1.125)  # the window and half the grace after it
+    assert unsized.deadline_s() == 0.0
+
+
 def test_fanout_follows_the_acceptance_and_always_covers_full_acceptance():
     assert sum(allocate_fanout([0.9] * 4, 4, 8)) == 8
     high = allocate_fanout([0.95] * 4, 4, 8)

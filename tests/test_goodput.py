@@ -353,6 +353,8 @@ def test_a_lone_call_that_would_catch_up_waits_for_a_shared_pass():
     planner = PassPlanner()
     planner.costs = fitted(CURVES["gpu"])
     planner.saw(["a", "b"])
+    assert planner.lone_cap("a") == -1  # no shared pass yet: nothing to keep ...
+    assert planner.lone_cap("a", catch_up_seconds=1.5) == 0  # ... but b would wait through a's re-read
     assert planner.depth_cap([CallDemand(want=3, rates=(0.9,) * 3) for _ in range(2)]) == 3
     assert planner.lone_cap("a") == 3
     assert planner.lone_cap("a", catch_up_seconds=1.5) == 0
@@ -478,3 +480,36 @@ def test_an_lm_re_read_is_made_only_where_the_tokens_left_pay_it_back(verifier_l
     assert bool(lm_calls) is lm_drafts
     if lm_drafts:
         assert lm_calls[0] == len(prompt)  # from the first round, as before this rule
+
+
+def test_shadow_acceptance_follows_the_emitted_tokens_down_the_tree():
+    from specserve.engine.goodput import shadow_accepted
+    from specserve.tree.token_tree import ROOT, TokenTree
+
+    tree = TokenTree()
+    a = tree.propose(ROOT, 5, None, "x")
+    tree.propose(ROOT, 6, None, "y")
+    tree.propose(a, 7, None, "x")
+    assert shadow_accepted(tree, [6]) == (1, 1)  # any sibling the verifier emits is accepted
+    assert shadow_accepted(tree, [9]) == (1, 0)
+    assert shadow_accepted(tree, [5, 7, 3]) == (2, 2)  # judged no deeper than the draft
+    assert shadow_accepted(tree, [5, 8]) == (2, 1)
+    assert shadow_accepted(TokenTree(), [5]) == (0, 0)
+
+
+def test_a_request_held_at_cap_zero_keeps_measuring_its_model_free_acceptance(verifier_lm):  # noqa: F811
+    """A cap of 0 verifies no draft; the model-free drafters still draft one position, unverified,
+    and the emitted token judges it, so the acceptance estimates that decide the next caps do not
+    freeze at whatever capped the request (without it, position 1 is never reached again)."""
+    free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
+    verifier = Capping(LocalVerifier(verifier_lm), 0)
+    loop = DecodeLoop(verifier, [free])
+    prompt = random_ids(12, seed=77) * 3  # repetitive: prompt lookup has something to propose
+    tokens, stats = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=24,
+                                                                rule="greedy", draft_length=4)))
+    assert tokens == verifier_lm.plain_generate(prompt, 24, SamplingParams())
+    assert stats.drafted == 0  # nothing was verified: the shadow drafts are not drafts
+    policy = loop._last_policy[("prompt-lookup",)]
+    assert free.calls and policy.reached[0] > 0  # judged while capped
+    # the policy's estimate of position 1 is what the emitted tokens said, not the prior
+    assert policy.acceptance(1) != pytest.approx(policy.prior_accept)

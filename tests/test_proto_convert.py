@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specserve.engine.types import GenerationRequest, RoundResult, RuleParams
-from specserve.engine.workers import DraftCall, DraftReply, VerifyCall, VerifyReply
+from specserve.engine.workers import AheadCall, DraftCall, DraftReply, VerifyCall, VerifyReply
 from specserve.sampling.params import SamplingParams, process_logits
 from specserve.serve import convert
 from specserve.tree.token_tree import ROOT, TokenTree
@@ -104,6 +104,10 @@ def test_internal_calls_round_trip():
 
     vreply = VerifyReply([5, 9, 2], [0, 3], {"lm": 1, "small": 1}, 0.5, depth_cap=2, explore=True)
     assert convert.verify_reply_from_proto(convert.verify_reply_to_proto(vreply)) == vreply
+
+    acall = AheadCall("s1", [1, 2], [5, 9], [2, 1, 3], 4, sampling, seed=11, stamp="s1:2:0", deadline_s=0.375)
+    wire = convert.ahead_call_to_proto(acall).SerializeToString()
+    assert convert.ahead_call_from_proto(int_pb.AheadCall.FromString(wire)) == acall  # the deadline too
 
 
 @pytest.mark.parametrize("seed, drafters, tree_config", [(None, None, None), (0, (), (2, 1)), (2**63 - 1, ("ngram", "small"), None)])

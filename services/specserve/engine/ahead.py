@@ -256,8 +256,17 @@ class EnumerateAndSelect:
             seed=ctx.seed,
             stamp=ctx.stamp,
             rule=ctx.rule,
+            # the budget's size is an estimate; the deadline makes a build that runs slow return
+            # shallower but in time, instead of late and useless (`take` waits only so long)
+            deadline_s=self.deadline_s(),
         )
         return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes, units, tokens)
+
+    def deadline_s(self) -> float:
+        """How long a build may continue: the measured verification window and half the grace
+        `take` gives after the reply (0 = no deadline: unsized builds, or nothing measured yet)."""
+        window = self.budget.window
+        return window * (1 + self.max_wait_fraction / 2) if self.sized and window else 0.0
 
     async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
                    verify_seconds: float) -> AheadOutcome:
@@ -278,7 +287,9 @@ class EnumerateAndSelect:
                 log.warning("drafting ahead failed (this round drafts without it): %r", build.task.exception())
             return AheadOutcome([], "failed")
         result = build.task.result()
-        self.budget.record(build.units, build.tokens, result.seconds, verify_seconds)
+        # as deep as it got (a deadline may have stopped it short of the planned depth)
+        built = max((len(unit.tree) for unit in result.units), default=build.tokens)
+        self.budget.record(build.units, built, result.seconds, verify_seconds)
         if result.stamp != build.stamp:  # never a draft made for another round's text
             return AheadOutcome([], "stale")
         for unit in result.units:

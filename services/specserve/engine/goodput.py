@@ -21,6 +21,12 @@ cap, so its next draft is no deeper. As the batch grows and rows stop being free
 An unmeasured shape is extrapolated pessimistically, so a batch that only ever ran plain passes
 would never learn that deeper ones are cheap (on a GPU they are): every `explore_every`-th shared
 pass, PassPlanner raises the cap by one when that reaches rows no pass has measured yet.
+A cap of 0 verifies no draft, so a capped request's acceptance estimates would freeze at
+whatever capped it, and the cap would stay 0 for good even when the text turns predictable (a
+model-free drafter's acceptance moves a lot within one answer). Its model-free drafters still
+draft one position each capped round, unverified, and the token the verifier emits judges it
+(`shadow_accepted`): for greedy this is exactly what verification would have accepted; for a
+sampled rule and a one-hot draft, P(emitted == drafted) = p(drafted) is the acceptance rate.
 Pure arithmetic, no I/O: engine/local.py's verifier feeds it what each pass measured.
 """
 
@@ -32,7 +38,22 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..tree.token_tree import ROOT, TokenTree
+
 UNKNOWN_RATE = 0.5  # acceptance assumed for a call that sent no estimates (a static draft length)
+
+
+def shadow_accepted(tree: TokenTree, emitted: Sequence[int]) -> tuple[int, int]:
+    """(positions judged, positions accepted) of an unverified draft against the tokens the
+    verifier then emitted: the draft's longest path that the emitted tokens follow."""
+    judged = min(tree.max_depth if len(tree) else 0, len(emitted))
+    node, accepted = ROOT, 0
+    for token in emitted[:judged]:
+        node = next((c for c in tree.children(node) if tree.tokens[c] == token), None)
+        if node is None:
+            break
+        accepted += 1
+    return judged, accepted
 
 
 class PassCostModel:
@@ -218,11 +239,14 @@ class PassPlanner:
         """The cap for a call alone in its pass: the last shared cap while other sessions are
         active (seen in the last passes), else none (-1). A call whose LM drafters would first
         catch up (catch_up_seconds > 0) gets 0 while others are active: the others would wait
-        through that re-read, and only a shared pass weighs it against what drafting buys."""
+        through that re-read, and only a shared pass weighs it against what drafting buys; also
+        before any shared pass (no cap yet): streams that start together each prefill alone first,
+        and each LM re-reading its prompt in turn held all the others (4 Qwen streams: ~8 s of
+        LM prompt reads in a 146 s run, most of the 6 % it lost to plain batched decoding)."""
         others = set().union(*self._recent) - {session_id} if self._recent else set()
         if not others:
             return -1
-        return 0 if catch_up_seconds > 0 and self.last_cap > 0 else self.last_cap
+        return 0 if catch_up_seconds > 0 else self.last_cap
 
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""

@@ -108,7 +108,7 @@ class LocalDrafter:
         extra = {"session_id": call.session_id} if self._session_kw else {}
         with self._lock:
             units = self.drafter.propose_ahead(call.committed, call.chain, call.fanout, call.num_tokens,
-                                               call.sampling, generator, **extra)
+                                               call.sampling, generator, deadline_s=call.deadline_s, **extra)
         out = []
         for unit in units:
             tree = TokenTree()

@@ -33,7 +33,7 @@ from ..cascade.draft_length import DraftLengthPolicy, TieredLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
-from .goodput import CatchUpCost
+from .goodput import CatchUpCost, shadow_accepted
 from .merge import drafted_by_drafter, merge_trees
 from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
 from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_model_free
@@ -202,7 +202,23 @@ class DecodeLoop:
                 depth = 0  # the first round only draws roots
             rseed = round_seed(seed, round_index)
 
+            def draft_call(num_tokens: int) -> DraftCall:
+                return DraftCall(
+                    session_id=session_id,
+                    committed=list(committed),
+                    num_tokens=num_tokens,
+                    sampling=request.sampling,
+                    seed=rseed,
+                    tree_config=tuple(request.tree_config[:num_tokens]) if request.tree_config and not ti else None,
+                    coupling=coupling,
+                    roots=list(roots) if ti else None,
+                    rule=request.rule,
+                    verify_window_s=last_verify_seconds,
+                    min_confidence=self.min_draft_confidence,
+                )
+
             trees: list[TokenTree] = []
+            shadow: TokenTree | None = None  # an unverified draft that the emitted token judges
             draft_seconds = 0.0
             drafted_ahead = depth > 0 and bool(ahead_trees)
             # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
@@ -230,26 +246,19 @@ class DecodeLoop:
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
             elif depth > 0 and round_drafters:
-                call = DraftCall(
-                    session_id=session_id,
-                    committed=list(committed),
-                    num_tokens=depth,
-                    sampling=request.sampling,
-                    seed=rseed,
-                    tree_config=tuple(request.tree_config[:depth]) if request.tree_config and not ti else None,
-                    coupling=coupling,
-                    roots=list(roots) if ti else None,
-                    rule=request.rule,
-                    verify_window_s=last_verify_seconds,
-                    min_confidence=self.min_draft_confidence,
-                )
-                trees = await self._draft_all(round_drafters, call)
+                trees = await self._draft_all(round_drafters, draft_call(depth))
                 draft_seconds = time.perf_counter() - started
                 if len(round_drafters) == len(drafters):  # (a model-free-only round re-reads nothing)
                     # what this draft spent beyond its positions' usual cost went into re-reading
                     per_position = policy.draft_seconds_per_position() if policy else 0.0
                     catch_up.record(draft_seconds - depth * per_position, len(committed) - seen)
                     seen = len(committed)
+            elif depth == 0 and want > 0 and depth_cap == 0 and policy is not None and not ti:
+                # held at cap 0: keep this request's acceptance estimates alive with its model-free
+                # drafters (engine/goodput.py), if they are what its policy's active tier drafts with
+                free = [d for d in drafters if is_model_free(d)]
+                if free and (policy.free_only or len(free) == len(drafters)):
+                    shadow = merge_trees(await self._draft_all(free, draft_call(1)), max_depth=1)
             ahead_trees, ahead_missed = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
@@ -344,6 +353,8 @@ class DecodeLoop:
                     verify_seconds if timed else 0.0,
                     num_drafted,
                 )
+                if shadow is not None and len(shadow) and tokens:
+                    policy.record(*shadow_accepted(shadow, tokens))  # acceptance only, nothing timed
             if drafted_depth:
                 nodes_per_position = num_drafted / drafted_depth
             log.debug(

@@ -54,6 +54,9 @@ class AheadCall:
     seed: int
     stamp: str  # (session, committed length, generation): echoed, so a stale build is never used
     rule: str = ""  # for the transport: which rows to ship (as DraftCall.rule)
+    # stop continuing once another step would end past this many seconds of the build, and return
+    # the units as deep as they got (0 = none): a build that would be late is still on time, shallower
+    deadline_s: float = 0.0
 
 
 @dataclass

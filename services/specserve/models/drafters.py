@@ -11,6 +11,8 @@ Draft and verifier must share a tokenizer: `check_same_tokenizer` refuses clearl
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..sampling.mcsd import DECISION_THRESHOLD, should_stop
@@ -151,13 +153,17 @@ class LMDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
         session_id: str = "",
+        deadline_s: float = 0.0,
     ) -> list[AheadUnit]:
         """Draft the next round for the likely outcomes of verifying `chain` after `context`
         (engine/ahead.py): for each accept length k = 0..len(chain), the drafter's top
         `fanout[k]` guesses of the bonus token (excluding chain[k], which would have been
         accepted), each continued `num_tokens` tokens. All branches decode together: one forward
         over the chain, then one per continuation step over every branch's frontier
-        (LMSession.extend_scored). Continuations are drawn from the processed law, rows kept."""
+        (LMSession.extend_scored). Continuations are drawn from the processed law, rows kept.
+        deadline_s > 0: no continuation step starts that would end past it (by the last step's
+        time), so the build returns on time with every branch as deep as it got."""
+        started = time.perf_counter()
         session = self.sessions.get(session_id)
         session.sync(context)
         tree = TokenTree()
@@ -174,7 +180,11 @@ class LMDrafter:
                 units.append((k, guess, tree.add_node(k - 1 if k > 0 else ROOT, guess)))
         tokens: list[list[int]] = [[] for _ in units]
         rows: list[list[torch.Tensor]] = [[] for _ in units]
+        step_seconds = 0.0
         for step in range(num_tokens if units else 0):
+            step_started = time.perf_counter()
+            if deadline_s > 0 and step_started - started + step_seconds > deadline_s:
+                break  # the next step would make the build late: what is built is the draft
             # one forward over every branch's newest node: its law gives the next token
             new_logits = session.extend_scored(tree)
             first_new = len(tree) - len(new_logits)
@@ -191,6 +201,7 @@ class LMDrafter:
                 if step + 1 < num_tokens:  # the last token's law is not needed
                     k, guess, _ = units[u]
                     units[u] = (k, guess, tree.add_node(node, token))
+            step_seconds = time.perf_counter() - step_started
         out = []
         for (k, guess, _), toks, rws in zip(units, tokens, rows):
             probs = None if params.greedy else (torch.stack(rws) if rws else torch.empty(0, self.target_vocab_size or self.lm.vocab_size))

@@ -201,6 +201,7 @@ def ahead_call_to_proto(call: AheadCall, row_encoding: int = int_pb.ROW_ENCODING
         seed=call.seed,
         stamp=call.stamp,
         row_encoding=row_encoding,
+        deadline_s=call.deadline_s,
     )
 
 
@@ -214,6 +215,7 @@ def ahead_call_from_proto(msg: int_pb.AheadCall) -> AheadCall:
         sampling=_sampling_from_proto(msg.sampling),
         seed=msg.seed,
         stamp=msg.stamp,
+        deadline_s=msg.deadline_s,
     )
 
 

@@ -131,7 +131,7 @@ class DraftCall(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ..., verify_window_s: _Optional[float] = ..., min_confidence: _Optional[float] = ...) -> None: ...
 
 class AheadCall(_message.Message):
-    __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding")
+    __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding", "deadline_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class AheadCall(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STAMP_FIELD_NUMBER: _ClassVar[int]
     ROW_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     chain: _containers.RepeatedScalarFieldContainer[int]
@@ -150,7 +151,8 @@ class AheadCall(_message.Message):
     seed: int
     stamp: str
     row_encoding: RowEncoding
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., chain: _Optional[_Iterable[int]] = ..., fanout: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., stamp: _Optional[str] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ...) -> None: ...
+    deadline_s: float
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., chain: _Optional[_Iterable[int]] = ..., fanout: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., stamp: _Optional[str] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class AheadUnit(_message.Message):
     __slots__ = ("accepted", "bonus", "tree")
