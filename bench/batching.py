@@ -34,10 +34,17 @@ from .prompts import Prompt, encode_chat
 from .systems import stop_token_ids
 
 MODES = ("plain", "spec-nocap", "spec")
+# Each run first serves one request through its own decode loop, untimed, as a server has served
+# one before: a fresh loop knows no catch-up cost of its LM drafters and no pass costs, and every
+# stream of the timed run would pay for learning them. Not a Spec-Bench prompt: the suffix
+# drafter's global trie must not hold the start of a timed answer.
+WARM_TEXT = ("Rewrite this sentence in plain words: The committee has resolved to postpone the deliberations "
+             "until such time as a quorum can be convened.")
+WARM_TOKENS = 32
 
 
 def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, mode: str, draft_length: int,
-         stops, tag: str):
+         stops, tag: str, warm_ids: list[int] | None = None):
     verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=streams,
                              goodput_caps=mode == "spec")
     loop = DecodeLoop(verifier, drafters() if mode != "plain" else [])
@@ -54,11 +61,17 @@ def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, 
             async with slots:
                 return await loop.generate(request)
 
-        return await asyncio.gather(*(one(r) for r in requests))
+        if warm_ids:
+            await loop.generate(GenerationRequest(prompt_ids=warm_ids, max_new_tokens=WARM_TOKENS, rule="greedy",
+                                                  draft_length=draft_length, session_id=f"warm-{mode}-{tag}",
+                                                  stop_token_ids=stops))
+        verifier.shared_pass_sizes.clear()
+        verifier.shared_pass_caps.clear()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return results, time.perf_counter() - started
 
-    started = time.perf_counter()
-    results = asyncio.run(all_streams())
-    seconds = time.perf_counter() - started
+    results, seconds = asyncio.run(all_streams())
     tokens = [t for t, _ in results]
     caps = [c for c in verifier.shared_pass_caps if c >= 0]
     return {
@@ -109,6 +122,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
     for mode in MODES:  # first-pass costs of every shape, not timed
         _run(lm, local_drafters, [warm, warm[:-1]], 2, 8, mode, draft_length, stops, "warm")
     ids = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts]
+    warm_loop = encode_chat(lm.tokenizer, WARM_TEXT, max_prompt_tokens)
     if len(ids) < max(streams):
         raise ValueError(f"{max(streams)} streams need {max(streams)} prompts, got {len(ids)} (raise --per-category)")
     rows = []
@@ -118,7 +132,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
         for r, order in enumerate(orders):
             for mode in order:
                 runs[mode].append(_run(lm, local_drafters, ids, count, max_new_tokens, mode, draft_length, stops,
-                                       f"{count}-{r}"))
+                                       f"{count}-{r}", warm_ids=warm_loop))
         plain = _pooled(runs["plain"])
         row = {"streams": count, "orders": [list(o) for o in orders]}
         for mode in MODES:
