@@ -214,8 +214,8 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
         assert r.generated == len(r.output_ids) and 1 <= r.generated <= 6
         # bounds for every system (transformers counts its own rounds); ours commits exactly
         # accepted + 1 tokens per round (drafts never reach past max_new_tokens - 1)
-        assert 1 <= r.rounds <= r.generated and 0 <= r.accepted <= r.drafted, \
-            f"{r.method}: every round commits >= 1 token and accepts only drafted ones"
+        assert 1 <= r.rounds <= r.generated, f"{r.method}: every round commits >= 1 token"
+        assert 0 <= r.accepted <= r.drafted, f"{r.method}: only drafted tokens are accepted"
         if r.method in ("chain", "ngram", "prompt-lookup"):
             assert r.generated == r.accepted + r.rounds, r.method
         assert r.output_ids == plain[r.question_id], r.method  # fp32 greedy: lossless everywhere

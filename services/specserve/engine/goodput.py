@@ -240,9 +240,8 @@ class PassPlanner:
         active (seen in the last passes), else none (-1). A call whose LM drafters would first
         catch up (catch_up_seconds > 0) gets 0 while others are active: the others would wait
         through that re-read, and only a shared pass weighs it against what drafting buys; also
-        before any shared pass (no cap yet): streams that start together each prefill alone first,
-        and each LM re-reading its prompt in turn held all the others (4 Qwen streams: ~8 s of
-        LM prompt reads in a 146 s run, most of the 6 % it lost to plain batched decoding)."""
+        before any shared pass (no cap yet): streams that start together each prefill alone
+        first, and each LM re-reading its prompt in turn held all the others."""
         others = set().union(*self._recent) - {session_id} if self._recent else set()
         if not others:
             return -1

@@ -167,7 +167,8 @@ class DecodeLoop:
         else:
             max_depth = len(request.tree_config) if request.tree_config else request.draft_length
         # the confidence stop's deep prior only where a drafter stops on its confidence (an LM)
-        stops_itself = not all(is_model_free(d) for d in drafters)
+        free_drafters = [d for d in drafters if is_model_free(d)]
+        stops_itself = len(free_drafters) < len(drafters)
         drafter_set = tuple(d.name for d in drafters)  # what the loop remembers across requests by
         policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
         if policy is not None:
@@ -256,9 +257,8 @@ class DecodeLoop:
             elif depth == 0 and want > 0 and depth_cap == 0 and policy is not None and not ti:
                 # held at cap 0: keep this request's acceptance estimates alive with its model-free
                 # drafters (engine/goodput.py), if they are what its policy's active tier drafts with
-                free = [d for d in drafters if is_model_free(d)]
-                if free and (policy.free_only or len(free) == len(drafters)):
-                    shadow = merge_trees(await self._draft_all(free, draft_call(1)), max_depth=1)
+                if free_drafters and (policy.free_only or len(free_drafters) == len(drafters)):
+                    shadow = merge_trees(await self._draft_all(free_drafters, draft_call(1)), max_depth=1)
             ahead_trees, ahead_missed = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
