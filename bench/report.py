@@ -106,7 +106,8 @@ def speed_report(result: dict) -> str:
         f"_Verifier `{meta['verifier']}`, drafter `{meta['drafter']}`, {meta['dtype']}, "
         f"{len(meta['prompts'])} prompts, max_new_tokens {cfg['max_new_tokens']}, "
         f"dynamic draft length {'on' if meta['dynamic_length'] else 'off'}; "
-        f"{machine['cpu']} ({machine['cores']} cores, {machine['torch_threads']} torch threads), "
+        f"{machine['cpu']} ({machine.get('isa', 'ISA not recorded')}, {machine['cores']} cores, "
+        f"{machine['torch_threads']} torch threads), "
         f"torch {machine['torch']}, transformers {machine['transformers']}; {meta['date']}; "
         f"run took {meta['wall_seconds'] / 60:.1f} min._"
     )

@@ -3,8 +3,9 @@
 Speculation pays only if scoring 1 + k rows (the pending token + k draft nodes) costs far less
 than k + 1 single-row steps. On CPU this depends on how the linear layers run: plain
 `F.linear` (MKL on [out, in] weights) versus oneDNN on prepacked weights (models/packed_linear.py,
-what CausalLM.load does by default on fp32 CPU models). Both are measured on the same weights, at
-the same context length, median of `repeats` passes each.
+what CausalLM.load does by default on fp32 CPU models), and, where the CPU runs bf16 natively
+(AVX512-BF16/AMX: what `--dtype auto` then picks), the bf16 model. All at the same context length,
+median of `repeats` passes each; the bf16 row is a separate load of the same weights.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import time
 
 import torch
 
-from specserve.models.causal_lm import CausalLM
+from specserve.models.causal_lm import CausalLM, pick_dtype
+from specserve.models.compute import run_sync
 from specserve.models.packed_linear import pack_linear_layers
 from specserve.tree.token_tree import TokenTree
+
+from .stats import cpu_summary
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -52,17 +56,26 @@ def measure(lm: CausalLM, context: int, nodes: tuple[int, ...], repeats: int) ->
     return out
 
 
-def run_row_cost(model: str, context: int = 300, nodes=(1, 2, 4, 8), repeats: int = 5, progress=print) -> dict:
+def run_row_cost(model: str, context: int = 300, nodes=(1, 2, 4, 8), repeats: int = 5, progress=print,
+                 bf16: bool | None = None) -> dict:
+    """bf16=None: measure the bf16 model too where the CPU runs bf16 natively."""
     lm = CausalLM.load(model, dtype="float32", pack_weights=False)
     rows = {}
     for label in ("dense F.linear", "oneDNN packed"):
         if label == "oneDNN packed" and pack_linear_layers(lm.model) == 0:
             progress("packing not supported here (needs fp32 on CPU with oneDNN)")
             break
-        rows[label] = measure(lm, context, tuple(nodes), repeats)
+        rows[label] = run_sync(measure, lm, context, tuple(nodes), repeats)
         progress(f"{label}: step {rows[label]['step_ms']:.0f} ms, trees {rows[label]['tree_ms']}")
+    del lm
+    if bf16 is None:
+        bf16 = pick_dtype("auto", "cpu") == torch.bfloat16
+    if bf16:
+        lm = CausalLM.load(model, dtype="bfloat16")
+        rows["bf16"] = run_sync(measure, lm, context, tuple(nodes), repeats)
+        progress(f"bf16: step {rows['bf16']['step_ms']:.0f} ms, trees {rows['bf16']['tree_ms']}")
     return {"kind": "row_cost", "meta": {"model": model, "context": context, "repeats": repeats,
-                                          "threads": torch.get_num_threads()}, "rows": rows}
+                                          "threads": torch.get_num_threads(), "cpu": cpu_summary()}, "rows": rows}
 
 
 def row_cost_report(result: dict) -> str:
@@ -77,6 +90,6 @@ def row_cost_report(result: dict) -> str:
             f"({(r['tree_ms'][k] if k in r['tree_ms'] else r['tree_ms'][str(k)]) / step:.2f} steps)" for k in nodes]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"_`{meta['model']}`, fp32, context {meta['context']} tokens, {meta['threads']} torch threads, "
-                 f"median of {meta['repeats']} passes._")
+    lines.append(f"_`{meta['model']}`, fp32 unless the row says bf16, context {meta['context']} tokens, "
+                 f"{meta['threads']} torch threads, median of {meta['repeats']} passes; CPU: {meta.get('cpu', '?')}._")
     return "\n".join(lines)

@@ -34,6 +34,19 @@ class SpeedConfig:
     warmup_tokens: int = 8
 
 
+def cpu_isa() -> str:
+    """The vector ISA class that decides the kernels (BENCHMARKS.md names it beside every figure)."""
+    from specserve.models.quantize import cpu_has
+
+    if cpu_has("amx_bf16"):
+        return "AVX512-BF16 + AMX"
+    if cpu_has("avx512_bf16"):
+        return "AVX512-BF16, no AMX"
+    if cpu_has("avx512f"):
+        return "AVX512, no BF16"
+    return "AVX2 only" if cpu_has("avx2") else "no AVX2"
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -46,6 +59,7 @@ def machine_info() -> dict:
         pass
     return {
         "cpu": cpu,
+        "isa": cpu_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],

@@ -246,12 +246,13 @@ def test_row_cost_measures_dense_and_packed_layouts(tmp_path):
     from test_ray_app import save_tiny_model
 
     result = run_row_cost(save_tiny_model(str(tmp_path / "tiny")), context=16, nodes=(1, 4), repeats=2,
-                          progress=lambda m: None)
-    assert set(result["rows"]) == {"dense F.linear", "oneDNN packed"}
+                          progress=lambda m: None, bf16=True)  # (bf16 runs everywhere, natively or not)
+    assert set(result["rows"]) == {"dense F.linear", "oneDNN packed", "bf16"}
     for row in result["rows"].values():
         assert row["step_ms"] > 0 and set(row["tree_ms"]) == {1, 4} and all(v > 0 for v in row["tree_ms"].values())
     report = row_cost_report(json.loads(json.dumps(result)))  # as read back from a result file
-    assert "| oneDNN packed |" in report and "1 + 4 rows" in report
+    assert "| oneDNN packed |" in report and "| bf16 |" in report and "1 + 4 rows" in report
+    assert result["meta"]["cpu"] in report  # the CPU and its ISA class beside the figures
 
 
 @pytest.mark.slow
@@ -284,3 +285,20 @@ def test_mirrored_orders_cancel_a_linear_drift():
     slots = {m: sum(o.index(m) for o in orders) for m in MODES}
     assert len(set(slots.values())) == 1
     assert mirrored_orders(0, 1) == [MODES]
+
+
+def test_kernels_bench_measures_each_drafter_kernel_per_model_dtype(tmp_path):
+    from bench.kernels import kernels_report, run_kernels
+    from test_ray_app import save_tiny_model
+
+    tiny = save_tiny_model(str(tmp_path / "tiny"))
+    result = run_kernels(tiny, tiny, context=16, steps=2, progress=lambda m: None, bf16=True)
+    assert set(result["verifier_ms_by_dtype"]) == {"float32", "bfloat16"}
+    assert [(r["model_dtype"], r["scheme"]) for r in result["rows"]] == [
+        ("float32", "fp32"), ("float32", "int8"), ("float32", "int4"),
+        ("bfloat16", "bf16"), ("bfloat16", "int8"), ("bfloat16", "int4")]
+    assert "fbgemm" in result["rows"][1]["kernels"] and "_weight_int8pack_mm" in result["rows"][4]["kernels"]
+    report = kernels_report(json.loads(json.dumps(result)))
+    assert "c (÷ bf16 verifier step)" in report and report.count("\n| ") == 6  # one line per kernel
+    fp32_only = run_kernels(tiny, tiny, context=16, steps=2, progress=lambda m: None, bf16=False)
+    assert len(fp32_only["rows"]) == 3 and "bf16 verifier" not in kernels_report(fp32_only)

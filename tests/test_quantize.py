@@ -12,6 +12,7 @@ from specserve.engine.factory import load_drafter_lm, make_local_drafters
 from specserve.engine.local import LocalVerifier
 from specserve.models.causal_lm import CausalLM
 from specserve.models.quantize import (
+    drafter_dtype,
     DynamicInt8Linear,
     Int4Linear,
     Int8WeightOnlyLinear,
@@ -97,3 +98,17 @@ def test_quantized_self_drafter_changes_speed_not_output(model_dir, spec):
     assert stats.drafted > 0 and stats.accepted > 0  # a quantized copy of the verifier agrees often
     with pytest.raises(ValueError, match="needs a quantization"):
         load_drafter_lm("self", verifier)
+
+
+def test_quantized_cpu_drafter_computes_in_fp32_beside_a_bf16_verifier(model_dir):
+    verifier = CausalLM.load(model_dir, dtype="bfloat16")
+    drafter_lm = load_drafter_lm("self@int8", verifier)
+    assert drafter_lm.dtype == torch.float32 and "fbgemm" in drafter_lm.kernels  # module doc: faster on CPU
+    assert load_drafter_lm("self@int4", verifier).dtype == torch.float32
+    assert drafter_dtype(torch.bfloat16, "cuda:0", "int8") == torch.bfloat16  # accelerators keep theirs
+    assert drafter_dtype(torch.bfloat16, "cpu", None) == torch.bfloat16  # unquantized drafters too
+    engine = SpeculativeEngine(LocalVerifier(verifier), make_local_drafters(["self@int8"], verifier))
+    prompt = [5, 17, 23, 42, 8, 5, 17, 23, 61, 3]
+    tokens, stats = engine.run(GenerationRequest(prompt_ids=prompt, max_new_tokens=16, rule="greedy",
+                                                 draft_length=4))
+    assert len(tokens) == 16 and stats.drafted > 0  # the mixed pair runs rounds end to end

@@ -20,7 +20,7 @@ from ..cascade.csd import CascadeDrafter, LMReviewer, default_k_matrix
 from ..models.base import Drafter
 from ..models.causal_lm import CausalLM, truncated_copy
 from ..models.drafters import EarlyExitDrafter, LMDrafter, check_same_tokenizer
-from ..models.quantize import split_spec
+from ..models.quantize import drafter_dtype, split_spec
 from ..models.ngram import MaxGramDrafter, PromptLookupDrafter
 from ..models.suffix import SuffixDrafter
 from .local import LocalDrafter
@@ -64,7 +64,8 @@ def load_drafter_lm(spec: str, verifier: CausalLM) -> CausalLM:
         if scheme is None:
             raise ValueError(f"drafter {spec!r}: 'self' needs a quantization, e.g. 'self@int8'")
         model = verifier.name
-    lm = CausalLM.load(model, dtype=verifier.dtype, device=str(verifier.device), quantize=scheme, name=spec)
+    dtype = drafter_dtype(verifier.dtype, str(verifier.device), scheme)
+    lm = CausalLM.load(model, dtype=dtype, device=str(verifier.device), quantize=scheme, name=spec)
     check_same_tokenizer(lm, verifier)
     return lm
 

@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 
 def _load_lm(spec: str, models: ModelSettings, drafter: bool = False):
     """A model by spec; drafters may say "MODEL@int8" / "MODEL@int4" (models/quantize.py)."""
-    from ..models.causal_lm import CausalLM
-    from ..models.quantize import split_spec
+    from ..models.causal_lm import CausalLM, pick_dtype
+    from ..models.quantize import drafter_dtype, split_spec
 
     model, scheme = split_spec(spec) if drafter else (spec, None)
-    return CausalLM.load(model, dtype=models.dtype, device=models.device, quantize=scheme, name=spec)
+    dtype = drafter_dtype(pick_dtype(models.dtype, models.device), models.device, scheme)
+    return CausalLM.load(model, dtype=dtype, device=models.device, quantize=scheme, name=spec)
 
 
 def build_drafter(kind: str, models: ModelSettings):
