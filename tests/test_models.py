@@ -278,12 +278,17 @@ def test_sliding_window_models_are_refused_clearly():
 
 def test_dtype_choice():
     from specserve.models.causal_lm import pick_dtype
+    from specserve.models.quantize import cpu_has
 
     assert pick_dtype("float32", "cpu") is torch.float32
     assert pick_dtype("bfloat16", "cpu") is torch.bfloat16
     assert pick_dtype(torch.float16, "cpu") is torch.float16
-    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert pick_dtype("auto", "cpu") is (torch.bfloat16 if native_bf16 else torch.float32)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert pick_dtype("auto", "cpu") is (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype("auto", "cpu", num_params=2_000_000_000) is (torch.bfloat16 if native else torch.float32)
+    # small models: bf16 only with AMX (AVX512-BF16 alone runs their many small ops slower)
+    small = torch.bfloat16 if native and cpu_has("amx_bf16") else torch.float32
+    assert pick_dtype("auto", "cpu", num_params=135_000_000) is small
     with pytest.raises(ValueError, match="dtype"):
         pick_dtype("fp8", "cpu")
 
@@ -296,3 +301,12 @@ def test_a_one_token_text_scores_with_an_empty_cache(lm):
     session.commit(tree.path_to(2), tree, next_token=9)
     expected = [4, tree.tokens[2], 9]
     torch.testing.assert_close(session.next_logits(), reference_next_logits(lm, expected), atol=ATOL, rtol=0)
+
+
+def test_parameter_count_from_the_config_alone(tmp_path):
+    from specserve.models.causal_lm import count_parameters
+    from test_ray_app import save_tiny_model
+
+    path = save_tiny_model(str(tmp_path / "tiny"))
+    loaded = CausalLM.load(path, dtype="float32", pack_weights=False)
+    assert count_parameters(path) == sum(p.numel() for p in loaded.model.parameters())

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..sampling.params import SamplingParams, process_logits
@@ -27,15 +27,31 @@ from ..tree.token_tree import ROOT, TokenTree
 from .attention import NAME as ATTENTION  # registers the GQA-packing sdpa (models/attention.py)
 from .compute import on_compute
 from .packed_linear import pack_linear_layers
-from .quantize import quantize_model
+from .quantize import cpu_has, quantize_model
 from .weights import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """"auto" = bf16 where the hardware runs it natively (CUDA with bf16, CPU with AVX512-BF16/AMX),
-    fp32 otherwise (emulated bf16 on CPU is slower than fp32). Exactness tests ask for float32."""
+# On a CPU with AVX512-BF16 but no AMX, bf16 halves the weight bytes a step streams but runs every
+# small op slower: it pays for big models only. Measured on an AMD EPYC (AVX512-BF16, no AMX), 2
+# cores, one decode step at context 300: SmolLM2-135M fp32 (oneDNN-packed) 48 ms vs bf16 61 ms;
+# Qwen2.5-1.5B fp32 171 ms vs bf16 146 ms (BENCHMARKS.md, section 0b).
+BF16_MIN_PARAMS = 1_000_000_000
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """bf16 runs natively: CUDA with bf16, or a CPU oneDNN has bf16 kernels for (AVX512-BF16/AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_dtype(dtype: str | torch.dtype, device: str, num_params: int | None = None) -> torch.dtype:
+    """"auto" = bf16 where the hardware runs it natively and it pays, fp32 otherwise: CUDA bf16
+    (fp16 without bf16); on a CPU, bf16 with AMX, and with AVX512-BF16 alone only for models of
+    at least BF16_MIN_PARAMS parameters (`num_params`; None counts as big); emulated bf16 (AVX2)
+    is always slower than fp32. Exactness tests ask for float32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -44,8 +60,20 @@ def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
         except KeyError:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    if not native_bf16(device):
+        return torch.float32
+    if cpu_has("amx_bf16") or num_params is None or num_params >= BF16_MIN_PARAMS:
+        return torch.bfloat16
+    return torch.float32
+
+
+def count_parameters(path: str) -> int:
+    """Parameters of the model at `path`, from its config alone (built on the meta device)."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def sample_token(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
@@ -82,7 +110,8 @@ class CausalLM:
         (models/packed_linear.py), so verifying several rows costs about one decode step.
         quantize: "int8" / "int4" weight quantization (models/quantize.py; drafters only)."""
         path = resolve_model(spec)
-        torch_dtype = pick_dtype(dtype, device)
+        size_matters = dtype == "auto" and not device.startswith("cuda") and native_bf16(device) and not cpu_has("amx_bf16")
+        torch_dtype = pick_dtype(dtype, device, count_parameters(path) if size_matters else None)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation
