@@ -26,6 +26,7 @@ class Method:
     only_sampled: bool = False  # meaningful only at temperature > 0 (lossy rules equal greedy at T=0)
     needs_lm_drafter: bool = False
     min_confidence: float = DEFAULT_MIN_DRAFT_CONFIDENCE  # ours: LM drafters end a chain after a token they gave less
+    greedy_alternatives: bool = True  # ours: runner-up siblings beside greedy chains where rows are free
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -36,6 +37,8 @@ def catalogue(draft_length: int = 4, cactus_deltas: tuple[float, ...] = (0.5, 1.
     methods = [
         Method("plain", "plain"),
         Method("chain", "ours", ("lm",), draft_length=k, needs_lm_drafter=True),
+        # the chain without runner-up siblings (engine/loop.py greedy_alternatives): what width buys
+        Method("chain-narrow", "ours", ("lm",), draft_length=k, needs_lm_drafter=True, greedy_alternatives=False),
         # `chain` has the shipped confidence stop (DEFAULT_MIN_DRAFT_CONFIDENCE); these other
         # thresholds (0 = none) are for comparison (models/drafters.py: lengths only, lossless)
         *[

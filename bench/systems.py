@@ -107,7 +107,8 @@ class Systems:
     def engine_for(self, method: Method) -> SpeculativeEngine:
         drafters = [self._drafter_backend(k, method.draft_length) for k in method.drafters]
         return SpeculativeEngine(self._local_verifier, drafters, dynamic_length=self.setup.dynamic_length,
-                                 min_draft_confidence=method.min_confidence)
+                                 min_draft_confidence=method.min_confidence,
+                                 greedy_alternatives=method.greedy_alternatives)
 
     def request_for(
         self, method: Method, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int

@@ -84,7 +84,7 @@ def test_internal_calls_round_trip():
     tree = _tree()
     sampling = SamplingParams(temperature=0.8, top_k=5, top_p=0.9)
     call = DraftCall("s1", [1, 2, 3], 4, sampling, seed=2**63 + 5, tree_config=(2, 1), coupling="hub",
-                     min_confidence=0.75)
+                     min_confidence=0.75, alternatives=3)
     back = convert.draft_call_from_proto(
         int_pb.DraftCall.FromString(convert.draft_call_to_proto(call, int_pb.ROW_ENCODING_FP16).SerializeToString())
     )

@@ -105,7 +105,8 @@ def test_local_app_greedy_equals_plain_greedy(local_router, plain_greedy):
     assert len(reply.token_ids) == 24 or reply.token_ids[-1] == 2
     stats = reply.stats
     assert stats.rounds >= 1 and stats.generated_tokens == len(reply.token_ids)
-    assert set(stats.drafters) <= {"ngram", "small", "medium"}
+    # (LM drafters' runner-up siblings, where the policy widens greedy chains, are "<name>/alt")
+    assert {d.removesuffix("/alt") for d in stats.drafters} <= {"ngram", "small", "medium"}
     # every drafter was consulted (drafted > 0) through the remote backends
     assert stats.drafted > 0
 

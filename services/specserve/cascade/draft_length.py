@@ -76,6 +76,12 @@ class DraftLengthPolicy:
     draft_ratios: deque = field(default_factory=deque)  # recent draft seconds / (depth * verify seconds)
     draft_spend: deque = field(default_factory=deque)  # recent (draft seconds, drafted depth), every drafting round
     free_only = False  # one tier: every drafter drafts what it hands out (TieredLengthPolicy below)
+    # runner-up siblings beside greedy LM chains (DraftCall.alternatives): P(the verifier takes the
+    # runner-up | it rejected the chain token there), a Beta estimate like the positions' rates
+    alternative_prior: float = 0.5  # measured 0.4-0.6 for Qwen 0.5B@int8 -> 1.5B on mt_bench
+    alternative_judged: float = 0.0
+    alternative_hits: float = 0.0
+    alternatives_margin: float = 0.01  # relative gain they must bring over their rows' cost
 
     def __post_init__(self) -> None:
         if self.max_length < 0:
@@ -175,6 +181,41 @@ class DraftLengthPolicy:
             return 0.0
         step = statistics.median(self.step_times)
         return max(0.0, step * (1.0 - self.cost(k, nodes_per_position) / self.expected_tokens(k)))
+
+    def alternative_rate(self) -> float:
+        return (self.alternative_hits + self.prior_weight * self.alternative_prior) / (
+            self.alternative_judged + self.prior_weight)
+
+    def alternative_positions(self, k: int, nodes_per_position: float = 1.0) -> int:
+        """How many of a k-position chain's first positions get a runner-up sibling (one verifier
+        row each; 0 = a plain chain). A sibling at position d adds one token (its own row's bonus)
+        in the rounds that reach d and reject the chain token there, if the verifier takes it:
+        reach(d) (1 - a_d) h tokens a round, h the siblings' measured hit rate; it pays while that
+        share of the round's tokens exceeds its row's share of the round's cost (the measured node
+        cost; none measured yet: no siblings). Deep positions are rarely reached, so the siblings
+        stop where the gain falls under the cost. Where rows are nearly free (fp32 on AVX512, AMX,
+        GPUs) the first positions get them; where a row costs a tenth of a step they do not."""
+        measured = self.measured_costs()
+        if k <= 0 or measured is None:
+            return 0
+        tokens, cost = self.expected_tokens(k), self.cost(k, nodes_per_position, measured)
+        hit, node = self.alternative_rate(), measured[1]
+        positions, reach = 0, 1.0
+        for rate in self.acceptance_rates(k):
+            gain = reach * (1.0 - rate) * hit
+            tokens, cost = tokens + gain, cost + node
+            if tokens / cost <= (tokens - gain) / (cost - node) * (1 + self.alternatives_margin):
+                break
+            positions += 1
+            reach *= rate
+        return positions
+
+    def record_alternatives(self, judged: bool, hit: bool) -> None:
+        """One round with siblings: `judged` = the chain was rejected where a sibling stood."""
+        if not judged and not hit:
+            return
+        self.alternative_judged = self.alternative_judged * self.forget + 1.0
+        self.alternative_hits = self.alternative_hits * self.forget + float(hit)
 
     @property
     def timing_a_step(self) -> bool:
@@ -328,6 +369,12 @@ class TieredLengthPolicy:
 
     def seconds_saved_per_token(self, k: int, nodes_per_position: float = 1.0) -> float:
         return self.active.seconds_saved_per_token(k, nodes_per_position)
+
+    def alternative_positions(self, k: int, nodes_per_position: float = 1.0) -> int:
+        return 0 if self.free_only else self.full.alternative_positions(k, nodes_per_position)
+
+    def record_alternatives(self, judged: bool, hit: bool) -> None:
+        self.full.record_alternatives(judged, hit)  # only the LM tier drafts them
 
     def carry_costs_from(self, earlier: TieredLengthPolicy) -> None:
         self.full.carry_costs_from(earlier.full)

@@ -31,7 +31,7 @@ from .goodput import CallDemand, PassPlanner
 from .loop import TARGET_ROOT
 from .merge import accepted_by_drafter, merge_trees
 from .workers import (AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply,
-                      is_model_free)
+                      alternative_label, is_model_free)
 
 
 def generator_for(seed: int, stream: str) -> torch.Generator:
@@ -52,6 +52,8 @@ class LocalDrafter:
         self._session_kw = "session_id" in inspect.signature(drafter.propose).parameters
         # LM drafters can end a chain at a token they doubt (DraftCall.min_confidence)
         self._confidence_kw = "min_confidence" in inspect.signature(drafter.propose).parameters
+        # ... and name their runner-up token at each position (DraftCall.alternatives)
+        self._alternatives_kw = "alternatives" in inspect.signature(drafter.propose).parameters
         self._tree_drafter = callable(getattr(drafter, "propose_tree", None))
         # an LM drafter can build the next round ahead, for several outcomes (engine/ahead.py)
         self.can_draft_ahead = callable(getattr(drafter, "propose_ahead", None))
@@ -92,11 +94,17 @@ class LocalDrafter:
                     for p in proposals:
                         p.drafter = self.name  # credited under this backend's name, like chains
             else:
+                if call.alternatives and self._alternatives_kw:
+                    chain_extra = {**chain_extra, "alternatives": call.alternatives}
                 proposal = self.drafter.propose(
                     call.committed, call.num_tokens, call.sampling, generator, **chain_extra
                 )
                 tree = TokenTree()
-                tree.add_sequence(proposal.tokens[: call.num_tokens], proposal.probs, drafter=self.name)
+                chain = proposal.tokens[: call.num_tokens]
+                nodes = tree.add_sequence(chain, proposal.probs, drafter=self.name)
+                label = alternative_label(self.name)
+                for i, token in enumerate((proposal.alternatives or [])[: len(chain)]):
+                    tree.propose(nodes[i - 1] if i else ROOT, token, None, label)  # a leaf beside chain[i]
         return DraftReply(tree=tree, drafter=self.name, seconds=time.perf_counter() - started)
 
     async def draft(self, call: DraftCall) -> DraftReply:

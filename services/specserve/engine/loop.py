@@ -36,7 +36,8 @@ from .ahead import AheadContext, DraftingAhead, make_strategy
 from .goodput import CatchUpCost, shadow_accepted
 from .merge import drafted_by_drafter, merge_trees
 from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
-from .workers import DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_model_free
+from .workers import (DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_alternative_label,
+                      is_model_free)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class DecodeLoop:
     (DraftCall.min_confidence; lengths only, so lossless), and the draft-length policy lets depth
     grow past position 1's rate (cascade/draft_length.py, deep_prior_floor). 0 = off; off too
     without the dynamic length (a fixed length drafts exactly that).
+    greedy_alternatives: under the greedy rule LM drafters also propose their runner-up token
+    beside each chain token (DraftCall.alternatives) in the rounds where the length policy's
+    measured row cost and the siblings' measured hit rate say they pay (width where rows are
+    free). Greedy verification takes the verifier's argmax path, so the output is unchanged.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class DecodeLoop:
         overlap_drafting: bool = False,
         ahead: DraftingAhead | str | None = None,
         min_draft_confidence: float = DEFAULT_MIN_DRAFT_CONFIDENCE,
+        greedy_alternatives: bool = True,
     ) -> None:
         if not 0.0 <= min_draft_confidence < 1.0:
             raise ValueError(f"min_draft_confidence must be in [0, 1), got {min_draft_confidence}")
@@ -89,6 +95,7 @@ class DecodeLoop:
         # a fixed length means exactly that length: the confidence stop is part of the dynamic one
         self.min_draft_confidence = min_draft_confidence if dynamic_length else 0.0
         self.overlap_drafting = overlap_drafting
+        self.greedy_alternatives = greedy_alternatives
         # how the next round is drafted during verification (engine/ahead.py); overlap_drafting is
         # the full-acceptance bet's old name
         if isinstance(ahead, str) or ahead is None:
@@ -170,6 +177,9 @@ class DecodeLoop:
         free_drafters = [d for d in drafters if is_model_free(d)]
         stops_itself = len(free_drafters) < len(drafters)
         drafter_set = tuple(d.name for d in drafters)  # what the loop remembers across requests by
+        # runner-up siblings (greedy only: another rule's tree must follow its coupling)
+        may_widen = (self.greedy_alternatives and request.rule == "greedy" and stops_itself
+                     and not request.tree_config)
         policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
         if policy is not None:
             # step and pass times are the machine's, not the request's: no timing rounds again
@@ -202,8 +212,9 @@ class DecodeLoop:
             if ti and roots is None:
                 depth = 0  # the first round only draws roots
             rseed = round_seed(seed, round_index)
+            widen = policy.alternative_positions(depth, nodes_per_position) if may_widen and policy else 0
 
-            def draft_call(num_tokens: int) -> DraftCall:
+            def draft_call(num_tokens: int, alternatives: int = 0) -> DraftCall:
                 return DraftCall(
                     session_id=session_id,
                     committed=list(committed),
@@ -216,6 +227,7 @@ class DecodeLoop:
                     rule=request.rule,
                     verify_window_s=last_verify_seconds,
                     min_confidence=self.min_draft_confidence,
+                    alternatives=alternatives,
                 )
 
             trees: list[TokenTree] = []
@@ -247,7 +259,7 @@ class DecodeLoop:
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
             elif depth > 0 and round_drafters:
-                trees = await self._draft_all(round_drafters, draft_call(depth))
+                trees = await self._draft_all(round_drafters, draft_call(depth, widen))
                 draft_seconds = time.perf_counter() - started
                 if len(round_drafters) == len(drafters):  # (a model-free-only round re-reads nothing)
                     # what this draft spent beyond its positions' usual cost went into re-reading
@@ -337,6 +349,10 @@ class DecodeLoop:
             num_accepted = len(reply.path)
             num_drafted, drafted_depth = len(tree), tree.max_depth
             by_drafter = drafted_by_drafter(tree)
+            # runner-up siblings: counted apart, so the policy's rates stay the chain's own
+            siblings = sum(n for label, n in by_drafter.items() if is_alternative_label(label))
+            sibling_hit = any(is_alternative_label(label) and n > 0 for label, n in reply.accepted_by_drafter.items())
+            chain_accepted = num_accepted - int(sibling_hit)  # a sibling is a leaf: the path's last node
             if ti:  # roots are the verifier's own samples: neither drafted nor accepted drafts
                 n_roots = len(tree.children(ROOT))
                 num_accepted, num_drafted = max(num_accepted - 1, 0), num_drafted - n_roots
@@ -348,15 +364,17 @@ class DecodeLoop:
                 timed = round_index > 0
                 policy.record(
                     drafted_depth,
-                    num_accepted,
+                    chain_accepted,
                     draft_seconds if timed else 0.0,
                     verify_seconds if timed else 0.0,
                     num_drafted,
                 )
+                if siblings:
+                    policy.record_alternatives(judged=chain_accepted < drafted_depth, hit=sibling_hit)
                 if shadow is not None and len(shadow) and tokens:
                     policy.record(*shadow_accepted(shadow, tokens))  # acceptance only, nothing timed
             if drafted_depth:
-                nodes_per_position = num_drafted / drafted_depth
+                nodes_per_position = (num_drafted - siblings) / drafted_depth
             log.debug(
                 "round %d: depth %d, %d nodes, %d accepted, draft %.1f ms, verify %.1f ms, (jump, node) cost %s",
                 round_index, drafted_depth, num_drafted, num_accepted, 1e3 * draft_seconds,

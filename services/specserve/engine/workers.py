@@ -39,6 +39,9 @@ class DraftCall:
     verify_window_s: float = 0.0
     # LM drafters end the chain after a token they gave less than this (0 = off; lengths only)
     min_confidence: float = 0.0
+    # greedy chains: LM drafters also propose their runner-up token beside each of the first
+    # `alternatives` chain tokens, as a leaf labelled alternative_label(drafter) (0 = a chain)
+    alternatives: int = 0
 
 
 @dataclass
@@ -130,3 +133,17 @@ class DrafterBackend(Protocol):
 
 class VerifierBackend(Protocol):
     async def verify(self, call: VerifyCall) -> VerifyReply: ...
+
+
+ALTERNATIVE_SUFFIX = "/alt"
+
+
+def alternative_label(drafter: str) -> str:
+    """The label of a drafter's runner-up siblings (DraftCall.alternatives): their acceptance is
+    counted apart from the chain's, so the loop can tell whether they pay."""
+    return drafter + ALTERNATIVE_SUFFIX
+
+
+def is_alternative_label(label: str) -> bool:
+    return label.endswith(ALTERNATIVE_SUFFIX)
+

@@ -38,6 +38,8 @@ class DraftProposal:
     drafter: str = ""
     # last hidden state per drafted token (for the MCSD early-stop decision model); optional
     hidden: torch.Tensor | None = None
+    # greedy chains only: the drafter's runner-up token at each position (propose's alternatives)
+    alternatives: list[int] | None = None
 
 
 @dataclass

@@ -54,6 +54,12 @@ def _fit_vocab(probs: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     return torch.cat([probs, pad], dim=-1)
 
 
+def _runner_up(logits: torch.Tensor, vocab_size: int | None) -> int:
+    """The second-ranked token id among the verifier's vocabulary (ids past it cannot be verified)."""
+    row = logits[:vocab_size] if vocab_size else logits
+    return int(torch.topk(row, 2).indices[1])
+
+
 def _top_probability(logits: torch.Tensor) -> float:
     """softmax(logits).max() without building the softmax: 1 / sum exp(l - max)."""
     top = logits.max()
@@ -94,9 +100,16 @@ class LMDrafter:
         generator: torch.Generator | None = None,
         session_id: str = "",
         min_confidence: float = 0.0,
+        alternatives: int = 0,
     ) -> DraftProposal:
         """A chain of up to `num_tokens` tokens, each drawn from the processed law after the
         previous ones. `hidden[i]` is the last-layer state that produced the law of token i.
+
+        alternatives (greedy only): also return the runner-up token of the first `alternatives`
+        positions' logits, which the caller may verify as a sibling of that chain token (a leaf):
+        when the verifier rejects the chain token there, it often picks the runner-up, and then
+        the row computed for it yields one more token. They cost the drafter nothing (the same
+        logits).
 
         Confidence stop (as transformers' assistant_confidence_threshold): the chain ends after a
         token the drafter itself gave less than `min_confidence` (its probability at T = 1 under
@@ -110,6 +123,8 @@ class LMDrafter:
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
+        runners_up: list[int] = []
+        alternatives = alternatives if params.greedy else 0
         for i in range(num_tokens):
             logits = session.next_logits()
             if self.decision_model is not None and i > 0:  # the first token is always drafted
@@ -123,6 +138,8 @@ class LMDrafter:
             if params.greedy:  # the processed row is one-hot at the argmax: a deterministic proposal
                 token = int(logits.argmax())
                 confident = min_confidence <= 0 or _top_probability(logits) >= min_confidence
+                if i < alternatives:
+                    runners_up.append(_runner_up(logits, self.target_vocab_size))
             else:
                 probs = _fit_vocab(process_logits(logits, params), self.target_vocab_size)
                 token = sample_token(probs, generator)
@@ -142,6 +159,7 @@ class LMDrafter:
             probs=probs_out,
             drafter=self.name,
             hidden=torch.stack(hidden) if hidden else None,
+            alternatives=runners_up if alternatives else None,
         )
 
     def propose_ahead(

@@ -171,6 +171,7 @@ def draft_call_to_proto(call: DraftCall, row_encoding: int = int_pb.ROW_ENCODING
         has_roots=call.roots is not None,
         verify_window_s=call.verify_window_s,
         min_confidence=call.min_confidence,
+        alternatives=call.alternatives,
     )
 
 
@@ -187,6 +188,7 @@ def draft_call_from_proto(msg: int_pb.DraftCall) -> DraftCall:
         roots=list(msg.roots) if msg.has_roots else None,
         verify_window_s=msg.verify_window_s,
         min_confidence=msg.min_confidence,
+        alternatives=msg.alternatives,
     )
 
 

@@ -103,7 +103,7 @@ class TokenTree(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., branches: _Optional[_Iterable[_Union[Branch, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ProbRow, _Mapping]]] = ...) -> None: ...
 
 class DraftCall(_message.Message):
-    __slots__ = ("session_id", "committed", "num_tokens", "sampling", "seed", "tree_config", "coupling", "row_encoding", "roots", "has_roots", "verify_window_s", "min_confidence")
+    __slots__ = ("session_id", "committed", "num_tokens", "sampling", "seed", "tree_config", "coupling", "row_encoding", "roots", "has_roots", "verify_window_s", "min_confidence", "alternatives")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DraftCall(_message.Message):
     HAS_ROOTS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
@@ -128,7 +129,8 @@ class DraftCall(_message.Message):
     has_roots: bool
     verify_window_s: float
     min_confidence: float
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ..., verify_window_s: _Optional[float] = ..., min_confidence: _Optional[float] = ...) -> None: ...
+    alternatives: int
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ..., verify_window_s: _Optional[float] = ..., min_confidence: _Optional[float] = ..., alternatives: _Optional[int] = ...) -> None: ...
 
 class AheadCall(_message.Message):
     __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding", "deadline_s")
