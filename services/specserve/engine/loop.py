@@ -64,7 +64,7 @@ class DecodeLoop:
     grow past position 1's rate (cascade/draft_length.py, deep_prior_floor). 0 = off; off too
     without the dynamic length (a fixed length drafts exactly that).
     greedy_alternatives: under the greedy rule LM drafters also propose their runner-up token
-    beside each chain token (DraftCall.alternatives) in the rounds where the length policy's
+    beside the first chain tokens (DraftCall.alternatives) in the rounds where the length policy's
     measured row cost and the siblings' measured hit rate say they pay (width where rows are
     free). Greedy verification takes the verifier's argmax path, so the output is unchanged.
     """
@@ -369,8 +369,8 @@ class DecodeLoop:
                     verify_seconds if timed else 0.0,
                     num_drafted,
                 )
-                if siblings:
-                    policy.record_alternatives(judged=chain_accepted < drafted_depth, hit=sibling_hit)
+                if siblings:  # judged where the chain was rejected at a position that had a sibling
+                    policy.record_alternatives(judged=chain_accepted < min(drafted_depth, siblings), hit=sibling_hit)
                 if shadow is not None and len(shadow) and tokens:
                     policy.record(*shadow_accepted(shadow, tokens))  # acceptance only, nothing timed
             if drafted_depth:

@@ -110,7 +110,9 @@ class CausalLM:
         (models/packed_linear.py), so verifying several rows costs about one decode step.
         quantize: "int8" / "int4" weight quantization (models/quantize.py; drafters only)."""
         path = resolve_model(spec)
-        size_matters = dtype == "auto" and not device.startswith("cuda") and native_bf16(device) and not cpu_has("amx_bf16")
+        # only "auto" on an AVX512-BF16 CPU without AMX asks how big the model is (pick_dtype)
+        size_matters = (dtype == "auto" and not device.startswith("cuda") and native_bf16(device)
+                        and not cpu_has("amx_bf16"))
         torch_dtype = pick_dtype(dtype, device, count_parameters(path) if size_matters else None)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
