@@ -18,7 +18,7 @@ import torch
 from specserve.models.causal_lm import CausalLM, pick_dtype
 from specserve.models.compute import run_sync
 
-from .stats import cpu_summary
+from .speed import cpu_summary
 
 
 def step_ms(lm: CausalLM, context: int, steps: int) -> float:

@@ -20,7 +20,7 @@ from specserve.models.compute import run_sync
 from specserve.models.packed_linear import pack_linear_layers
 from specserve.tree.token_tree import TokenTree
 
-from .stats import cpu_summary
+from .speed import cpu_summary
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -69,6 +69,11 @@ def machine_info() -> dict:
     }
 
 
+def cpu_summary() -> str:
+    """'AMD EPYC (AVX512-BF16, no AMX)': the CPU and the ISA class that picks its kernels."""
+    return f"{machine_info()['cpu']} ({cpu_isa()})"
+
+
 def run_speed(
     systems: Systems,
     prompts: list[Prompt],

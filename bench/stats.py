@@ -148,10 +148,3 @@ def add_speedups(cells: list[CellSummary], baseline: str = "plain") -> None:
         c.speedup = (c.tokens_per_second / b) if b else None
         bd = base_decode.get((c.temperature, c.category))
         c.decode_speedup = (c.decode_tokens_per_second / bd) if (bd and c.decode_tokens_per_second) else None
-
-
-def cpu_summary() -> str:
-    """'AMD EPYC (AVX512-BF16, no AMX)': the CPU and the ISA class that picks its kernels."""
-    from .speed import cpu_isa, machine_info
-
-    return f"{machine_info()['cpu']} ({cpu_isa()})"

@@ -195,8 +195,10 @@ class DraftLengthPolicy:
         cost; none measured yet: no siblings). Deep positions are rarely reached, so the siblings
         stop where the gain falls under the cost. Where rows are nearly free (fp32 on AVX512, AMX,
         GPUs) the first positions get them; where a row costs a tenth of a step they do not."""
+        if k <= 0:
+            return 0
         measured = self.measured_costs()
-        if k <= 0 or measured is None:
+        if measured is None:
             return 0
         tokens, cost = self.expected_tokens(k), self.cost(k, nodes_per_position, measured)
         hit, node = self.alternative_rate(), measured[1]

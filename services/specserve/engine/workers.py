@@ -146,4 +146,3 @@ def alternative_label(drafter: str) -> str:
 
 def is_alternative_label(label: str) -> bool:
     return label.endswith(ALTERNATIVE_SUFFIX)
-

@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # On a CPU with AVX512-BF16 but no AMX, bf16 halves the weight bytes a step streams but runs every
 # small op slower: it pays for big models only. Measured on an AMD EPYC (AVX512-BF16, no AMX), 2
 # cores, one decode step at context 300: SmolLM2-135M fp32 (oneDNN-packed) 48 ms vs bf16 61 ms;
-# Qwen2.5-1.5B fp32 171 ms vs bf16 146 ms (BENCHMARKS.md, section 0b).
+# Qwen2.5-1.5B fp32 171 ms vs bf16 146 ms (BENCHMARKS.md, section 7).
 BF16_MIN_PARAMS = 1_000_000_000
 
 
@@ -110,10 +110,9 @@ class CausalLM:
         (models/packed_linear.py), so verifying several rows costs about one decode step.
         quantize: "int8" / "int4" weight quantization (models/quantize.py; drafters only)."""
         path = resolve_model(spec)
-        # only "auto" on an AVX512-BF16 CPU without AMX asks how big the model is (pick_dtype)
-        size_matters = (dtype == "auto" and not device.startswith("cuda") and native_bf16(device)
-                        and not cpu_has("amx_bf16"))
-        torch_dtype = pick_dtype(dtype, device, count_parameters(path) if size_matters else None)
+        # "auto" on a CPU may depend on the model's size (pick_dtype); counting is ~30 ms, on the meta device
+        num_params = count_parameters(path) if dtype == "auto" and not device.startswith("cuda") else None
+        torch_dtype = pick_dtype(dtype, device, num_params)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation
