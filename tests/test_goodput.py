@@ -450,6 +450,41 @@ def test_a_request_joining_others_reads_its_prompt_with_the_lm_only_after_a_cap(
     assert loop._in_flight == 0
 
 
+def test_requests_that_start_together_all_count_as_under_load(verifier_lm, twin_lm):  # noqa: F811
+    """A burst (streams started in the same event-loop tick) is load for every one of them, the
+    first included: none reads its prompt with the LM before a reply, so their prefills share one
+    pass instead of the first one's LM read and lone prefill holding the rest."""
+    from collections import deque
+
+    lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
+    free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
+    verifier = LocalVerifier(verifier_lm, max_batch_size=4)
+    loop = DecodeLoop(verifier, [lm_drafter, free])
+
+    def request(prompt, sid):
+        return GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy", draft_length=4, session_id=sid)
+
+    asyncio.run(loop.generate(request(random_ids(20, seed=75), "warm-up")))
+    for tier in (loop._last_policy[("twin", "prompt-lookup")].full, loop._last_policy[("twin", "prompt-lookup")].free):
+        # what the warm-up measured, made noise-free: drafting pays (a tiny model's ms jitter says anything)
+        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
+        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+    alone = random_ids(10, seed=79) * 2
+    asyncio.run(loop.generate(request(alone, "alone")))
+    assert ("alone", len(alone)) in lm_drafter.calls  # alone: its LM drafts in the first round
+    prompts = {f"burst-{i}": random_ids(10, seed=80 + i) * 2 for i in range(3)}
+
+    async def burst():
+        return await asyncio.gather(*(loop.generate(request(p, sid)) for sid, p in prompts.items()))
+
+    results = asyncio.run(burst())
+    for (sid, prompt), (tokens, _) in zip(prompts.items(), results):
+        assert tokens == verifier_lm.plain_generate(prompt, 12, SamplingParams())
+        assert (sid, len(prompt)) not in lm_drafter.calls  # no LM prompt read before a reply ...
+        assert (sid, len(prompt)) in free.calls  # ... the model-free drafter drafted round 0
+    assert loop._in_flight == 0
+
+
 @pytest.mark.parametrize("seconds_per_token, lm_drafts", [(0.05, False), (1e-5, True)])
 def test_an_lm_re_read_is_made_only_where_the_tokens_left_pay_it_back(verifier_lm, twin_lm, seconds_per_token,
                                                                        lm_drafts):  # noqa: F811

@@ -143,15 +143,22 @@ class DecodeLoop:
     ) -> AsyncIterator[RoundResult]:
         """Run the request round by round, yielding what each round committed.
         `stats`, when given, is updated in place as rounds complete."""
-        joined_others = self._in_flight > 0  # before its first reply, the only sign of load it has
         self._in_flight += 1
-        inner = self._rounds(request, stats, joined_others)
+        inner = None
         try:
+            # Before its first reply, the requests in flight are the only sign of load it has. A
+            # burst (streams that start together) arrives within one event-loop tick: yield it once,
+            # so the first of them sees the others too. Otherwise the first one alone reads its
+            # prompt with its LM drafters in round 0 while the rest queue behind it, and its prefill
+            # then runs as a pass of its own instead of sharing theirs.
+            await asyncio.sleep(0)
+            inner = self._rounds(request, stats, joined_others=self._in_flight > 1)
             async for result in inner:
                 yield result
         finally:
             self._in_flight -= 1
-            await inner.aclose()
+            if inner is not None:
+                await inner.aclose()
 
     async def _rounds(
         self, request: GenerationRequest, stats: GenerationStats | None, joined_others: bool
