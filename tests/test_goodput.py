@@ -22,9 +22,11 @@ from specserve.engine import GenerationRequest
 from specserve.engine.goodput import CallDemand, CatchUpCost, PassCostModel, PassPlanner, choose_depth_cap
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.engine.loop import DecodeLoop
+from specserve.engine.workers import DraftCall, DraftReply
 from specserve.models.drafters import LMDrafter
 from specserve.models.ngram import PromptLookupDrafter
 from specserve.sampling.params import SamplingParams
+from specserve.tree.token_tree import TokenTree
 
 from test_engine import twin_lm, verifier_lm  # noqa: F401 - fixtures
 from test_models import random_ids
@@ -345,6 +347,57 @@ def test_catch_up_cost_is_learnt_per_token_and_keeps_cold_streams_capped():
     cold = [CallDemand(want=2, rates=(0.8, 0.8), draft_seconds=0.02, catch_up_seconds=cost.seconds_for(300))
             for _ in range(2)]
     assert choose_depth_cap(cold, model).cap == 0  # 1.2 s of re-reading per call does not
+
+
+def test_catch_up_samples_leave_out_the_drafting_positions_of_their_round():
+    """A catch-up round also drafted: what its positions cost in normal rounds is taken off first."""
+    cost = CatchUpCost(min_tokens=16)
+    cost.record(0.06, 3, depth=2)  # a normal round: 30 ms a position
+    cost.record(0.66, 100, depth=2)  # read 100 unseen tokens, then drafted 2 positions
+    assert cost.seconds_for(100) == pytest.approx(0.6)
+
+
+def test_a_re_read_is_spread_over_the_rounds_it_buys_so_a_stream_that_sat_out_can_rejoin():
+    """Weighed whole against one pass, a re-read of a few hundred tokens never pays, and a stream
+    whose LM once sat out stayed out for the rest of its request even where each pass gains from
+    drafting; its share per remaining round is what one pass should weigh."""
+    cost = CatchUpCost(min_tokens=16)
+    cost.record(1.2, 300)  # 4 ms a token
+    assert cost.per_round(300, tokens_left=60, rates=(0.5, 0.5)) == pytest.approx(1.2 / (60 / 1.75))
+    assert cost.per_round(300, tokens_left=1, rates=(0.5,)) == pytest.approx(1.2)  # the last round pays it all
+    assert cost.per_round(3, tokens_left=60, rates=(0.5,)) == 0.0  # a normal round's few tokens
+    model = fitted(CURVES["cpu-avx2"])
+    rates = (0.8, 0.8)
+
+    def calls(catch_up):
+        return [CallDemand(want=2, rates=rates, draft_seconds=0.02, catch_up_seconds=catch_up) for _ in range(2)]
+
+    assert choose_depth_cap(calls(cost.seconds_for(300)), model).cap == 0  # the whole re-read in one pass
+    assert choose_depth_cap(calls(cost.per_round(300, 100, rates)), model).cap >= 1  # its share: drafting pays
+    assert choose_depth_cap(calls(cost.per_round(300, 1, rates)), model).cap == 0  # too late to pay back
+
+
+def test_the_loop_times_lm_drafting_by_what_the_drafters_computed_not_by_its_wait():
+    """Under load a draft call queues behind other streams' passes; the catch-up cost is learnt
+    from the drafters' own seconds, or the queue would pass for re-reading."""
+
+    class Slow:
+        name, model_free = "lm", False
+
+        async def draft(self, call):
+            await asyncio.sleep(0.05)  # queued behind a pass
+            return DraftReply(tree=TokenTree(), drafter="lm", seconds=0.002)
+
+    class Free(Slow):
+        name, model_free = "free", True
+
+        async def draft(self, call):
+            return DraftReply(tree=TokenTree(), drafter="free", seconds=0.5)
+
+    loop = DecodeLoop(LocalVerifier.__new__(LocalVerifier), [])
+    call = DraftCall(session_id="s", committed=[1, 2], num_tokens=1, sampling=SamplingParams(), seed=0)
+    trees, computed = asyncio.run(loop._draft_timed([Slow(), Free()], call))
+    assert len(trees) == 2 and computed == pytest.approx(0.002)  # the model-free drafter's seconds too are not LM time
 
 
 def test_a_lone_call_that_would_catch_up_waits_for_a_shared_pass():

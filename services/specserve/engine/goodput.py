@@ -124,26 +124,53 @@ class PassCostModel:
 
 
 class CatchUpCost:
-    """Seconds an LM drafter spends re-reading text it has not seen, per token: learnt across
-    requests (the loop keeps one per drafter set), because what matters most is a NEW request's
-    first draft, which reads its whole prompt. Under load a capped stream's drafters sit out, so
-    letting it draft again first costs this; a pass that weighs only per-position drafting time
-    lets streams start LM drafting that the whole batch then waits through. Model-free drafters
-    re-read nothing measurable, so their samples are ~0."""
+    """Seconds an LM drafter spends re-reading text it has not seen: learnt across requests (the
+    loop keeps one per drafter set), because what matters most is a NEW request's first draft,
+    which reads its whole prompt. Under load a capped stream's drafters sit out, so letting it
+    draft again first costs this; a pass that weighs only per-position drafting time lets streams
+    start LM drafting that the whole batch then waits through. Model-free drafters re-read
+    nothing measurable, so their samples are ~0.
+
+    Samples are the drafters' own compute seconds (DraftReply.seconds), never the wall time the
+    loop waited: under load a draft call queues behind other streams' passes on the compute
+    thread, and counting that queue as re-reading made a 50-token read look like 0.4 s (5x what
+    it costs) and kept every stream's LM out for good. A round that read fewer than `min_tokens`
+    unseen tokens is a normal round: it measures the per-position cost that a catch-up round's
+    drafting positions are charged before the rest counts as re-reading."""
 
     def __init__(self, min_tokens: int = 16, window: int = 16) -> None:
         self.min_tokens = min_tokens  # fewer unseen tokens than this are part of a normal round
-        self.rates: deque = deque(maxlen=window)
+        self.rates: deque = deque(maxlen=window)  # re-reading seconds per unseen token
+        self.per_position: deque = deque(maxlen=window)  # drafting seconds per position, normal rounds
 
-    def record(self, seconds: float, unseen: int) -> None:
-        """A drafting round that first read `unseen` tokens and spent `seconds` beyond its drafting."""
-        if unseen >= self.min_tokens:
-            self.rates.append(max(seconds, 0.0) / unseen)
+    def record(self, seconds: float, unseen: int, depth: int = 0) -> None:
+        """A drafting round whose LM drafters computed for `seconds`, first reading `unseen`
+        tokens, then drafting `depth` positions."""
+        if unseen < self.min_tokens:
+            if depth > 0:
+                self.per_position.append(max(seconds, 0.0) / depth)
+            return
+        drafting = depth * statistics.median(self.per_position) if self.per_position else 0.0
+        self.rates.append(max(seconds - drafting, 0.0) / unseen)
 
     def seconds_for(self, unseen: int) -> float:
         if unseen < self.min_tokens or not self.rates:
             return 0.0
         return statistics.median(self.rates) * unseen
+
+    def per_round(self, unseen: int, tokens_left: int, rates: Sequence[float]) -> float:
+        """The re-read's seconds spread over the rounds the request has left at the acceptance
+        `rates` of its drafts: paid once, it buys drafting for all of them. Weighed whole against
+        one pass, no re-read of a prompt ever paid, so a stream whose LM once sat out never
+        drafted again even where every later pass would have gained from it."""
+        seconds = self.seconds_for(unseen)
+        if seconds <= 0.0:
+            return 0.0
+        per_round, survive = 1.0, 1.0
+        for rate in rates:
+            survive *= rate
+            per_round += survive
+        return seconds / max(1.0, tokens_left / per_round)
 
 
 @dataclass
@@ -157,7 +184,8 @@ class CallDemand:
     # its drafting seconds per drafted position: counted as time the pass's batch waits, which is
     # true where drafters share the verifier's device and conservative where they do not
     draft_seconds: float = 0.0
-    # paid once if it drafts at all: its LM drafters re-reading what they have not seen
+    # if it drafts at all: its LM drafters re-reading what they have not seen, this pass's share
+    # of it (CatchUpCost.per_round)
     catch_up_seconds: float = 0.0
 
     def expected_tokens(self, k: int) -> float:

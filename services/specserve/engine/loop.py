@@ -126,8 +126,16 @@ class DecodeLoop:
             return None
 
     async def _draft_all(self, drafters: Sequence[DrafterBackend], call: DraftCall) -> list[TokenTree]:
+        trees, _ = await self._draft_timed(drafters, call)
+        return trees
+
+    async def _draft_timed(self, drafters: Sequence[DrafterBackend], call: DraftCall) -> tuple[list[TokenTree], float]:
+        """The drafts, and the seconds the LM drafters among them computed (their own replies'
+        times: on a CPU they share the compute thread, so they add up; waiting in its queue is
+        not computing)."""
         replies = await asyncio.gather(*(self._draft_one(d, call) for d in drafters))
-        return [r.tree for r in replies if r is not None]
+        computed = sum(r.seconds for d, r in zip(drafters, replies) if r is not None and not is_model_free(d))
+        return [r.tree for r in replies if r is not None], computed
 
     def _length_policy(self, drafters: Sequence[DrafterBackend], max_depth: int, stops_itself: bool):
         """One DraftLengthPolicy; for a set mixing free and costly drafters, one per tier."""
@@ -266,12 +274,11 @@ class DecodeLoop:
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
             elif depth > 0 and round_drafters:
-                trees = await self._draft_all(round_drafters, draft_call(depth, widen))
+                trees, computed = await self._draft_timed(round_drafters, draft_call(depth, widen))
                 draft_seconds = time.perf_counter() - started
                 if len(round_drafters) == len(drafters):  # (a model-free-only round re-reads nothing)
-                    # what this draft spent beyond its positions' usual cost went into re-reading
-                    per_position = policy.draft_seconds_per_position() if policy else 0.0
-                    catch_up.record(draft_seconds - depth * per_position, len(committed) - seen)
+                    # what this draft computed beyond its positions' usual cost went into re-reading
+                    catch_up.record(computed, len(committed) - seen, depth)
                     seen = len(committed)
             elif depth == 0 and want > 0 and depth_cap == 0 and policy is not None and not ti:
                 # held at cap 0: keep this request's acceptance estimates alive with its model-free
@@ -315,8 +322,11 @@ class DecodeLoop:
                     want_depth=want,
                     accept_rates=tuple(policy.acceptance_rates(want)) if policy and want > 0 else (),
                     draft_seconds=policy.draft_seconds_per_position() if policy else 0.0,
-                    # if the pass lets it draft next round: the text it has not seen, + this round's token
-                    catch_up_seconds=catch_up.seconds_for(len(committed) + 1 - seen),
+                    # if the pass lets it draft next round: the text it has not seen, + this round's
+                    # token, spread over the rounds it has left
+                    catch_up_seconds=catch_up.per_round(
+                        len(committed) + 1 - seen, remaining,
+                        policy.acceptance_rates(want) if policy and want > 0 else ()),
                 )
             )
             try:
