@@ -203,3 +203,39 @@ def test_continuous_batcher_regroups_streams_that_alternate():
     regrouped = sum(len(b) == 2 for b in seen)
     assert alternating <= 1 and regrouped >= 8, (alternating, regrouped)
     assert batcher.regroup_waits >= 1
+
+
+def test_a_batch_waits_for_streams_whose_drafts_hold_its_compute_thread():
+    """Streams whose LM drafts run one after another on the verifier's compute thread (a CPU) call
+    later than the regroup grace; waiting for them costs nothing while that thread is busy (the
+    batch would queue behind their drafts anyway), and without it the last drafters miss the pass
+    and get passes of their own."""
+    from specserve.models.compute import run_async
+
+    seen: list[list[str]] = []
+
+    def run_batch(items):
+        time.sleep(0.01)
+        seen.append(sorted(items))
+        return items
+
+    async def stream(batcher, name: str, rounds: int):
+        for _ in range(rounds):
+            await run_async(time.sleep, 0.02, device="cpu")  # an LM draft on the compute thread
+            await batcher.submit(name)
+
+    async def main(busy_waits: bool):
+        batcher = ContinuousBatcher(run_batch, max_batch_size=4, device="cpu", key=lambda item: item,
+                                    max_wait_s=0.005)
+        if not busy_waits:
+            batcher._thread_busy = lambda: False
+        await asyncio.gather(*(stream(batcher, name, 8) for name in "abc"))
+
+    for busy_waits in (False, True):
+        seen.clear()
+        asyncio.run(main(busy_waits))
+        full = sum(len(b) == 3 for b in seen)
+        if busy_waits:
+            assert full >= 6 and len(seen) <= 10, seen  # ~one pass per round, all three streams in it
+        else:
+            assert full <= 4 and len(seen) >= 12, seen  # passes split between the streams

@@ -23,7 +23,7 @@ import torch
 from ..models.base import Drafter
 from ..models.batched import score_trees
 from ..models.causal_lm import CausalLM, SessionCache
-from ..models.compute import run_async
+from ..models.compute import executor_for, lane_busy, run_async
 from ..sampling import ti_roots_lossy, verify_tree
 from ..sampling.params import process_logits
 from ..tree.token_tree import ROOT, TokenTree
@@ -334,6 +334,9 @@ class LocalVerifier:
         self.sessions.drop(session_id)
 
 
+BUSY_POLL_S = 0.002  # how often a batch waiting on a busy compute thread looks whether it went idle
+
+
 class ContinuousBatcher:
     """Collects concurrent async calls for a synchronous batch function: the first call runs at
     once; calls that arrive while a batch runs (in a worker thread) form the next batch, up to
@@ -344,6 +347,10 @@ class ContinuousBatcher:
     call arrives just after the other's pass started. So before a batch is formed, the callers of
     the last two batches that are not queued yet are waited for, at most `wait_fraction` of the
     last batch's time (and `max_wait_s`): they are drafting their next round and about to call.
+    While the batch's own compute thread is busy (CPU: other streams' LM drafts queued on it), the
+    wait is free, since the batch would run after that work anyway, and it goes on until the
+    thread is idle: else the streams whose drafts ran last miss the pass and get passes of their
+    own, and at 4 streams with one LM drafter a pass carried 1-2 calls instead of 4.
 
     `run_batch(items) -> results` returns one result per item, an Exception for a failed item."""
 
@@ -368,22 +375,30 @@ class ContinuousBatcher:
             return
         expected = set().union(*self._recent)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.max_wait_s, self.wait_fraction * self._last_seconds)
+        grace = min(self.max_wait_s, self.wait_fraction * self._last_seconds)
+        deadline = loop.time() + grace
         waited = False
         while True:
             queued = {self.key(item) for item, future in self._queue if not future.done()}
             if expected <= queued or len(queued) >= self.max_batch_size:
                 break
+            busy = self._thread_busy()
+            if busy:  # waiting costs nothing yet: the grace counts from when the thread is idle
+                deadline = loop.time() + grace
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             waited = True
             self._arrived = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+            try:  # look again soon: the thread going busy or idle sets no event
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, BUSY_POLL_S))
             except asyncio.TimeoutError:
-                break
+                pass
         self.regroup_waits += int(waited)
+
+    def _thread_busy(self) -> bool:
+        """The compute thread this batcher's batches run on has work queued or running."""
+        return executor_for(self.device, self.lane) is not None and lane_busy(self.lane)
 
     async def submit(self, item):
         future = asyncio.get_running_loop().create_future()

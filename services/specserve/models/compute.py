@@ -96,10 +96,26 @@ def executor_for(device: Any, lane: int = 0) -> Executor | None:
     return compute_executor(lane) if kind == "cpu" else None
 
 
+_awaited: dict[int, int] = {}  # lane -> jobs awaited through run_async and not finished yet
+
+
+def lane_busy(lane: int = 0) -> bool:
+    """Work awaited through `run_async` is queued or running on the compute thread of `lane`: a
+    job submitted now would run after it (one thread, first in, first out)."""
+    return _awaited.get(lane, 0) > 0
+
+
 async def run_async(fn: Callable[..., T], *args: Any, device: Any = None, lane: int = 0, **kwargs: Any) -> T:
     """Await `fn(*args, **kwargs)` run where work on `device` belongs (see module doc)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor_for(device, lane), functools.partial(fn, *args, **kwargs))
+    executor = executor_for(device, lane)
+    if executor is None:
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+    _awaited[lane] = _awaited.get(lane, 0) + 1
+    try:
+        return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+    finally:
+        _awaited[lane] -= 1
 
 
 def on_compute(fn: Callable[..., T]) -> Callable[..., T]:
