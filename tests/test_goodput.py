@@ -601,3 +601,17 @@ def test_a_request_held_at_cap_zero_keeps_measuring_its_model_free_acceptance(ve
     assert free.calls and policy.reached[0] > 0  # judged while capped
     # the policy's estimate of position 1 is what the emitted tokens said, not the prior
     assert policy.acceptance(1) != pytest.approx(policy.prior_accept)
+
+
+@pytest.mark.parametrize("rate, cap", [(0.05, 0), (0.25, 1)])
+def test_a_cap_must_beat_plain_decoding_by_the_models_error_bar(rate, cap):
+    """Rows free, drafting free: the predicted gain of verifying one position is its acceptance
+    rate. A few % is inside what the model leaves out (a round's other costs), so it is not bought."""
+    from specserve.engine.goodput import MIN_GAIN
+
+    model = PassCostModel()
+    for rows in (2, 4):
+        model.record(rows, 0.2)
+    choice = choose_depth_cap([CallDemand(want=1, rates=(rate,)) for _ in range(2)], model)
+    assert choice.values[1] / choice.values[0] == pytest.approx(1 + rate)
+    assert choice.cap == cap and MIN_GAIN > 0.05
