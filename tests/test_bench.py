@@ -212,12 +212,14 @@ def test_bench_cli_smoke_on_embedded_default(tmp_path):
     plain = {r.question_id: r.output_ids for r in recs if r.method == "plain"}
     for r in recs:
         assert r.generated == len(r.output_ids) and 1 <= r.generated <= 6
-        # bounds for every system (transformers counts its own rounds); ours commits exactly
-        # accepted + 1 tokens per round (drafts never reach past max_new_tokens - 1)
-        assert 1 <= r.rounds <= r.generated, f"{r.method}: every round commits >= 1 token"
         assert 0 <= r.accepted <= r.drafted, f"{r.method}: only drafted tokens are accepted"
         if r.method in ("chain", "ngram", "prompt-lookup"):
+            # ours commits exactly accepted + 1 tokens a round (drafts never reach past max_new_tokens - 1)
             assert r.generated == r.accepted + r.rounds, r.method
+        elif r.method.startswith("hf-"):
+            # transformers counts its own rounds: each emits its accepted drafts + 1 at most (a length
+            # cut can shorten the last), so it ran at least one and no fewer than this
+            assert r.rounds >= 1 and r.generated <= r.accepted + r.rounds, r.method
         assert r.output_ids == plain[r.question_id], r.method  # fp32 greedy: lossless everywhere
     text = md.read_text()
     assert "Speedup over plain decoding, greedy" in text and "hf-assisted" in text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 
 import pytest
 
@@ -467,24 +468,28 @@ def test_under_load_an_lm_drafter_reads_a_new_prompt_only_after_a_cap_weighed_it
         assert announced[-1] > 0  # the verify call before the LM's first draft asked to draft
 
 
+def request(prompt, sid):
+    return GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy", draft_length=4, session_id=sid)
+
+
+def make_drafting_pay(loop, drafter_set):
+    """What a warm-up request measured, made noise-free: drafting pays (a tiny model's ms jitter
+    says anything), so a request alone drafts with its LM from the first round."""
+    for tier in (loop._last_policy[drafter_set].full, loop._last_policy[drafter_set].free):
+        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
+        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+
+
 def test_a_request_joining_others_reads_its_prompt_with_the_lm_only_after_a_cap(verifier_lm, twin_lm):  # noqa: F811
     """Before its first reply a new request knows no cap; if other requests of the loop are running,
     it still is under load: its first round drafts with the model-free drafters only, while a request
     that starts alone drafts with its LM from the first round (its costs known from an earlier one)."""
-    from collections import deque
-
     lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
     free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
     loop = DecodeLoop(LocalVerifier(verifier_lm), [lm_drafter, free])
 
-    def request(prompt, sid):
-        return GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy", draft_length=4, session_id=sid)
-
     asyncio.run(loop.generate(request(random_ids(20, seed=72), "warm-up")))
-    for tier in (loop._last_policy[("twin", "prompt-lookup")].full, loop._last_policy[("twin", "prompt-lookup")].free):
-        # what the warm-up measured, made noise-free: drafting pays (a tiny model's ms jitter says anything)
-        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
-        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+    make_drafting_pay(loop, ("twin", "prompt-lookup"))
     alone, joining = random_ids(10, seed=73) * 2, random_ids(9, seed=74) * 2
 
     async def main():
@@ -507,21 +512,13 @@ def test_requests_that_start_together_all_count_as_under_load(verifier_lm, twin_
     """A burst (streams started in the same event-loop tick) is load for every one of them, the
     first included: none reads its prompt with the LM before a reply, so their prefills share one
     pass instead of the first one's LM read and lone prefill holding the rest."""
-    from collections import deque
-
     lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
     free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
     verifier = LocalVerifier(verifier_lm, max_batch_size=4)
     loop = DecodeLoop(verifier, [lm_drafter, free])
 
-    def request(prompt, sid):
-        return GenerationRequest(prompt_ids=prompt, max_new_tokens=12, rule="greedy", draft_length=4, session_id=sid)
-
     asyncio.run(loop.generate(request(random_ids(20, seed=75), "warm-up")))
-    for tier in (loop._last_policy[("twin", "prompt-lookup")].full, loop._last_policy[("twin", "prompt-lookup")].free):
-        # what the warm-up measured, made noise-free: drafting pays (a tiny model's ms jitter says anything)
-        tier.step_times, tier.draft_ratios = deque([0.1] * 4), deque([0.0] * 4)
-        tier.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+    make_drafting_pay(loop, ("twin", "prompt-lookup"))
     alone = random_ids(10, seed=79) * 2
     asyncio.run(loop.generate(request(alone, "alone")))
     assert ("alone", len(alone)) in lm_drafter.calls  # alone: its LM drafts in the first round
@@ -544,8 +541,6 @@ def test_an_lm_re_read_is_made_only_where_the_tokens_left_pay_it_back(verifier_l
     """Alone, an LM drafter that would first re-read a long unseen text (a new prompt) does so only
     if what drafting saves per token (measured step and pass costs, acceptance) times the tokens
     left beats the re-read's measured seconds; otherwise the model-free drafters draft alone."""
-    from collections import deque
-
     lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
     free = RecordingDrafter(PromptLookupDrafter(), "prompt-lookup")
     loop = DecodeLoop(LocalVerifier(verifier_lm), [lm_drafter, free])

@@ -43,6 +43,16 @@ from ..tree.token_tree import ROOT, TokenTree
 UNKNOWN_RATE = 0.5  # acceptance assumed for a call that sent no estimates (a static draft length)
 
 
+def tokens_per_round(rates: Sequence[float]) -> float:
+    """Expected tokens of a round drafting one position per rate (position 1 first): the bonus
+    token, plus each position with the probability that it and every one before it are accepted."""
+    total, survive = 1.0, 1.0
+    for rate in rates:
+        survive *= rate
+        total += survive
+    return total
+
+
 def shadow_accepted(tree: TokenTree, emitted: Sequence[int]) -> tuple[int, int]:
     """(positions judged, positions accepted) of an unverified draft against the tokens the
     verifier then emitted: the draft's longest path that the emitted tokens follow."""
@@ -166,11 +176,7 @@ class CatchUpCost:
         seconds = self.seconds_for(unseen)
         if seconds <= 0.0:
             return 0.0
-        per_round, survive = 1.0, 1.0
-        for rate in rates:
-            survive *= rate
-            per_round += survive
-        return seconds / max(1.0, tokens_left / per_round)
+        return seconds / max(1.0, tokens_left / tokens_per_round(rates))
 
 
 @dataclass
@@ -189,11 +195,8 @@ class CallDemand:
     catch_up_seconds: float = 0.0
 
     def expected_tokens(self, k: int) -> float:
-        total, survive = 1.0, 1.0
-        for d in range(1, min(k, self.want) + 1):
-            survive *= self.rates[d - 1] if d <= len(self.rates) else (self.rates[-1] if self.rates else UNKNOWN_RATE)
-            total += survive
-        return total
+        fill = self.rates[-1] if self.rates else UNKNOWN_RATE  # past the estimates it sent
+        return tokens_per_round([self.rates[d] if d < len(self.rates) else fill for d in range(min(k, self.want))])
 
     def feed(self, k: int) -> float:
         """Rows this call feeds with its draft cut to depth k (1 = the pending token alone)."""

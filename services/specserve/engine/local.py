@@ -390,8 +390,8 @@ class ContinuousBatcher:
                 break
             waited = True
             self._arrived = asyncio.Event()
-            try:  # look again soon: the thread going busy or idle sets no event
-                await asyncio.wait_for(self._arrived.wait(), min(remaining, BUSY_POLL_S))
+            try:  # while busy, look again soon: the thread going idle sets no event
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, BUSY_POLL_S) if busy else remaining)
             except asyncio.TimeoutError:
                 pass
         self.regroup_waits += int(waited)

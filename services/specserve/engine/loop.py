@@ -309,6 +309,7 @@ class DecodeLoop:
                 build = ahead_strategy.start(ahead_ctx)
 
             verify_started = time.perf_counter()
+            accept_rates = tuple(policy.acceptance_rates(want)) if policy and want > 0 else ()
             verify_call = self.verifier.verify(
                 VerifyCall(
                     session_id=session_id,
@@ -320,13 +321,11 @@ class DecodeLoop:
                     seed=rseed,
                     ti_width=ti_width,
                     want_depth=want,
-                    accept_rates=tuple(policy.acceptance_rates(want)) if policy and want > 0 else (),
+                    accept_rates=accept_rates,
                     draft_seconds=policy.draft_seconds_per_position() if policy else 0.0,
                     # if the pass lets it draft next round: the text it has not seen, + this round's
                     # token, spread over the rounds it has left
-                    catch_up_seconds=catch_up.per_round(
-                        len(committed) + 1 - seen, remaining,
-                        policy.acceptance_rates(want) if policy and want > 0 else ()),
+                    catch_up_seconds=catch_up.per_round(len(committed) + 1 - seen, remaining, accept_rates),
                 )
             )
             try:
