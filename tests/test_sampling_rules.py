@@ -190,3 +190,18 @@ def test_sample_rows_keeps_the_tail_of_a_150k_vocab_row():
     regular = (1 - 1e-4) / (vocab - 1)
     inside_body = int((1 - 2e-4) // regular)  # 149984: the CDF of the uniform body
     assert sample_rows(row.unsqueeze(0).expand(3, -1), v).tolist() == [vocab - 1, inside_body, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_is_torch_argmax_ties_and_nan_included(dtype):
+    """greedy_tokens (numpy's argmax, for speed) must pick what torch.argmax picks: the lowest
+    id among tied maxima, a NaN as the maximum, on rows and on batches of rows."""
+    from specserve.sampling.params import greedy_token, greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(-3, 3, (64, 1000), generator=g).to(dtype)  # ties everywhere
+    rows[5, 17] = float("nan")
+    assert greedy_tokens(rows) == torch.argmax(rows.float(), -1).tolist()
+    assert greedy_tokens(rows[None]) == torch.argmax(rows.float(), -1).tolist()
+    assert all(greedy_token(r) == int(torch.argmax(r)) for r in rows)
+    assert greedy_tokens(rows[5]) == [17]

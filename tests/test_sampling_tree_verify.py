@@ -223,6 +223,48 @@ def test_greedy_takes_the_first_child_equal_to_argmax_and_emits_argmax():
     assert a == 0
 
 
+def _reference_greedy_walk(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Greedy by definition: from the root follow the child equal to torch.argmax of its row."""
+    node, path = ROOT, []
+    while True:
+        want = int(torch.argmax(logits[0 if node == ROOT else node + 1]))
+        children = [p.child for p in tree.proposals.get(node, []) if tree.tokens[p.child] == want]
+        if not children:
+            return path, [tree.tokens[n] for n in path] + [want]
+        path.append(children[0])
+        node = children[0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_on_raw_logits_is_greedy_on_processed_rows_and_the_argmax_walk(seed):
+    """The verifier hands greedy its raw logits (engine/local.py): the verdict must be the one
+    on the processed one-hot rows, and the argmax walk's, on random trees with ties in the rows."""
+    from specserve.sampling.params import SamplingParams, process_logits
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = 6
+    tree = TokenTree()
+    frontier = [ROOT]
+    for _ in range(3):  # up to 3 levels, 1-3 distinct children per node
+        nxt = []
+        for parent in frontier:
+            for token in torch.randperm(vocab, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))].tolist():
+                nxt.append(tree.propose(parent, token, None, "D"))
+        frontier = nxt
+    logits = torch.randint(0, 3, (len(tree) + 1, vocab), generator=g).float()  # many ties
+    # steer half the rows to a drafted child so that paths get deep
+    for node in [ROOT, *range(len(tree))]:
+        kids = tree.proposals.get(node, [])
+        if kids and torch.rand(1, generator=g) < 0.7:
+            logits[0 if node == ROOT else node + 1, tree.tokens[kids[-1].child]] = 5.0
+    raw = verify_tree(tree, logits, "greedy")
+    processed = verify_tree(tree, process_logits(logits, SamplingParams()), "greedy")
+    path, tokens = _reference_greedy_walk(tree, logits)
+    assert (raw.path, raw.tokens, raw.bonus) == (processed.path, processed.tokens, processed.bonus)
+    assert (raw.path, raw.tokens) == (path, tokens)
+    assert raw.bonus == (not tree.proposals.get(path[-1] if path else ROOT))
+
+
 def test_tas_takes_the_first_passing_child_and_corrects_with_argmax():
     tree = TokenTree()
     tree.propose(ROOT, 0, torch.tensor([1.0, 0, 0, 0]), "A")  # t = 0.01: fails

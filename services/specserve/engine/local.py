@@ -66,7 +66,9 @@ class LocalDrafter:
 
     def draft_sync(self, call: DraftCall) -> DraftReply:
         started = time.perf_counter()
-        generator = generator_for(call.seed, f"drafter:{self.name}")
+        # a greedy chain draws nothing (~30 us a generator); roots and k-config trees may still sample
+        needs_rng = not call.sampling.greedy or call.roots is not None or bool(call.tree_config)
+        generator = generator_for(call.seed, f"drafter:{self.name}") if needs_rng else None
         extra = {"session_id": call.session_id} if self._session_kw else {}
         chain_extra = {**extra, "min_confidence": call.min_confidence} if self._confidence_kw else extra
         with self._lock:
@@ -271,13 +273,16 @@ class LocalVerifier:
 
     def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:
         """Acceptance next to the logits, then keep the accepted path in the session's cache."""
-        target_probs = process_logits(logits, call.sampling)
+        # greedy reads only each row's argmax (sampling/tree_verify.py): the raw logits will do,
+        # without building vocabulary-sized one-hot rows
+        greedy_rows = call.sampling.greedy and call.rule == "greedy" and self.on_verified is None
+        target_probs = logits if greedy_rows else process_logits(logits, call.sampling)
         verdict = verify_tree(
             call.tree,
             target_probs,
             call.rule,
             call.rule_params,
-            generator_for(call.seed, "verifier"),
+            None if greedy_rows else generator_for(call.seed, "verifier"),
         )
         if plain_step:
             session.append(verdict.tokens[-1])

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..sampling.params import SamplingParams, process_logits
+from ..sampling.params import SamplingParams, greedy_token, process_logits
 from ..tree.token_tree import ROOT, TokenTree
 from .attention import NAME as ATTENTION  # registers the GQA-packing sdpa (models/attention.py)
 from .compute import on_compute
@@ -87,6 +87,9 @@ class CausalLM:
 
     def __init__(self, model, tokenizer, name: str = "") -> None:
         self.model = model.eval()
+        # where its weights live, read once: next(parameters()) walks the module tree (~10 us), and
+        # every forward builds its position and mask tensors there
+        self._device = next(self.model.parameters()).device
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.lock = threading.RLock()
@@ -139,7 +142,7 @@ class CausalLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,7 +173,7 @@ class CausalLM:
         for _ in range(max_new_tokens):
             logits = session.next_logits()
             # greedy: the argmax itself (multinomial over a one-hot row costs ~2 ms at V = 49k)
-            token = int(logits.argmax()) if sampling.greedy else sample_token(process_logits(logits, sampling), generator)
+            token = greedy_token(logits) if sampling.greedy else sample_token(process_logits(logits, sampling), generator)
             out.append(token)
             if on_token is not None:
                 on_token(token)

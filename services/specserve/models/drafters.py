@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..sampling.mcsd import DECISION_THRESHOLD, should_stop
-from ..sampling.params import SamplingParams, process_logits
+from ..sampling.params import SamplingParams, greedy_token, process_logits
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .base import AheadUnit, DraftProposal
 from .causal_lm import CausalLM, SessionCache, sample_token, truncated_copy
@@ -136,7 +136,7 @@ class LMDrafter:
             if self.with_hidden:
                 hidden.append(session.next_hidden())
             if params.greedy:  # the processed row is one-hot at the argmax: a deterministic proposal
-                token = int(logits.argmax())
+                token = greedy_token(logits)
                 confident = min_confidence <= 0 or _top_probability(logits) >= min_confidence
                 if i < alternatives:
                     runners_up.append(_runner_up(logits, self.target_vocab_size))
@@ -210,7 +210,7 @@ class LMDrafter:
             for u, node in enumerate(frontier):
                 row = new_logits[node - first_new]
                 if params.greedy:
-                    token = int(row.argmax())
+                    token = greedy_token(row)
                 else:
                     probs = _fit_vocab(process_logits(row, params), self.target_vocab_size)
                     token = sample_token(probs, generator)

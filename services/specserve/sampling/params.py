@@ -12,6 +12,24 @@ from dataclasses import dataclass
 import torch
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """argmax over the last dim of [..., V] logits, flattened to a list (ties: the lowest id, as
+    torch.argmax). Why not torch.argmax: on these CPUs (torch 2.13, AVX2 and AVX512) its fp32
+    reduction is not vectorised, 105 us for a 49152-entry row and 360 us for 151936, against 8 and
+    20 us for numpy's; a greedy round takes one per drafted token and one per verified row."""
+    if logits.device.type != "cpu" or logits.requires_grad:
+        return logits.argmax(-1).reshape(-1).tolist()
+    rows = logits.detach()
+    if rows.dtype != torch.float32:
+        rows = rows.float()  # numpy has no bf16; the cast keeps the order of values exactly
+    return rows.numpy().argmax(-1).reshape(-1).tolist()
+
+
+def greedy_token(row: torch.Tensor) -> int:
+    """argmax of one [V] row (see greedy_tokens)."""
+    return greedy_tokens(row)[0]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy (the processed law is one-hot on argmax)
@@ -35,7 +53,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     """Logits [..., V] -> probabilities [..., V] (fp32) after temperature, top-k, top-p."""
     logits = logits.float()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        best = torch.tensor(greedy_tokens(logits)).reshape(logits.shape[:-1] + (1,))
+        return torch.zeros_like(logits).scatter_(-1, best, 1.0)
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]

@@ -36,6 +36,7 @@ import torch
 
 from ..tree.token_tree import ROOT, Coupling, Proposal, TokenTree
 from .multidraft import hub_token, rrs_verify, spechub_verify
+from .params import greedy_tokens
 from .rules import (
     cactus_step,
     greedy_accept,
@@ -204,6 +205,8 @@ def verify_tree(
         raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
     if target_probs.shape[0] != len(tree) + 1:
         raise ValueError(f"target_probs has {target_probs.shape[0]} rows, tree needs {len(tree) + 1}")
+    if rule == "greedy":
+        return verify_tree_greedy(tree, greedy_tokens(target_probs))
     config = _config(rule_params)
     target_probs = target_probs.float()
     if rule == "mcsd-ti":
@@ -243,6 +246,24 @@ def verify_tree(
             tokens = [tree.tokens[n] for n in path] + [decision.token]
             return TreeVerdict(path, tokens, drafters, bonus=False)
         chosen = proposals[decision.accepted]
+        path.append(chosen.child)
+        drafters.append(chosen.drafter)
+        node = chosen.child
+
+
+def verify_tree_greedy(tree: TokenTree, best: list[int]) -> TreeVerdict:
+    """The greedy rule on the verifier's argmax per row (`best[0]` after the committed prefix,
+    `best[1 + i]` after node i): walk the children equal to the argmax; the first miss emits the
+    argmax as its correction, a leaf reached emits it as the bonus. Plain Python on ints: the
+    rows' argmax is all greedy reads, so no vocabulary-sized law is built (verify_tree accepts
+    one-hot rows or raw logits alike, their argmax is the same)."""
+    node, path, drafters = ROOT, [], []
+    while True:
+        want = best[0 if node == ROOT else node + 1]
+        proposals = tree.proposals.get(node, [])
+        chosen = next((p for p in proposals if tree.tokens[p.child] == want), None)
+        if chosen is None:
+            return TreeVerdict(path, [tree.tokens[n] for n in path] + [want], drafters, bonus=not proposals)
         path.append(chosen.child)
         drafters.append(chosen.drafter)
         node = chosen.child
