@@ -273,9 +273,9 @@ class LocalVerifier:
 
     def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:
         """Acceptance next to the logits, then keep the accepted path in the session's cache."""
-        # greedy reads only each row's argmax (sampling/tree_verify.py): the raw logits will do,
-        # without building vocabulary-sized one-hot rows
-        greedy_rows = call.sampling.greedy and call.rule == "greedy" and self.on_verified is None
+        # the greedy rule reads only each row's argmax (sampling/tree_verify.py), which temperature,
+        # top-k and top-p keep: the raw logits will do, without vocabulary-sized processed rows
+        greedy_rows = call.rule == "greedy" and self.on_verified is None
         target_probs = logits if greedy_rows else process_logits(logits, call.sampling)
         verdict = verify_tree(
             call.tree,

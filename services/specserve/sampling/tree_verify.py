@@ -229,7 +229,7 @@ def verify_tree(
         t = target_probs[0 if node == ROOT else node + 1]
         proposals = tree.proposals.get(node, [])
         if not proposals:
-            bonus = int(t.argmax()) if rule == "greedy" else sample_row(t, generator)
+            bonus = sample_row(t, generator)  # (greedy returned above, from verify_tree_greedy)
             tokens = [tree.tokens[n] for n in path] + [bonus]
             return TreeVerdict(path, tokens, drafters, bonus=True)
         decision = verify_node(
