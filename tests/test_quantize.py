@@ -11,6 +11,7 @@ from specserve.engine import GenerationRequest, SpeculativeEngine
 from specserve.engine.factory import load_drafter_lm, make_local_drafters
 from specserve.engine.local import LocalVerifier
 from specserve.models.causal_lm import CausalLM
+from specserve.models.fused_projections import fuse_projections, ProjectionPart
 from specserve.models.quantize import (
     drafter_dtype,
     DynamicInt8Linear,
@@ -112,3 +113,53 @@ def test_quantized_cpu_drafter_computes_in_fp32_beside_a_bf16_verifier(model_dir
     tokens, stats = engine.run(GenerationRequest(prompt_ids=prompt, max_new_tokens=16, rule="greedy",
                                                  draft_length=4))
     assert len(tokens) == 16 and stats.drafted > 0  # the mixed pair runs rounds end to end
+
+
+def _stacked_linear(weight, bias):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def test_fused_projections_are_the_separate_projections():
+    """q/k/v (biases on some only) and gate/up stacked into one layer each give what the separate
+    layers gave, whatever order the parts are asked in, and hold no activation afterwards."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q_proj, block.k_proj, block.v_proj = nn.Linear(16, 12), nn.Linear(16, 4, bias=False), nn.Linear(16, 4)
+    block.gate_proj, block.up_proj = nn.Linear(16, 24, bias=False), nn.Linear(16, 24, bias=False)
+    block.o_proj = nn.Linear(12, 16)  # not part of a group: left alone
+    separate = {name: getattr(block, name) for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")}
+    x, y = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        want = {name: layer(x) for name, layer in separate.items()}
+        want_y = separate["k_proj"](y)
+    assert fuse_projections(block, _stacked_linear) == 2
+    assert isinstance(block.q_proj, ProjectionPart) and type(block.o_proj) is nn.Linear
+    with torch.no_grad():
+        for order in (["q_proj", "k_proj", "v_proj"], ["v_proj", "q_proj", "k_proj"], ["gate_proj", "up_proj"]):
+            for name in order:
+                assert torch.allclose(getattr(block, name)(x), want[name], atol=1e-6), name
+            assert getattr(block, order[0]).shared._output is None  # dropped once every part was served
+        assert torch.allclose(block.k_proj(y), want_y)  # a new input runs the stacked layer again
+        assert torch.allclose(block.q_proj(x), want["q_proj"]) and torch.allclose(block.q_proj(x), want["q_proj"])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_stacks_projections_without_changing_logits(model_dir, scheme, monkeypatch):
+    fused = CausalLM.load(model_dir, dtype="float32", quantize=scheme)
+    parts = [m for m in fused.model.modules() if isinstance(m, ProjectionPart)]
+    assert len(parts) == 5 * fused.model.config.num_hidden_layers
+    monkeypatch.setattr("specserve.models.quantize.fuse_projections", lambda model, make_layer: 0)
+    separate = CausalLM.load(model_dir, dtype="float32", quantize=scheme)
+    assert not any(isinstance(m, ProjectionPart) for m in separate.model.modules())
+    a, b = fused.new_session(), separate.new_session()
+    ids = [5, 17, 23, 42, 8, 5, 17, 23]
+    a.sync(ids), b.sync(ids)
+    assert torch.allclose(a.next_logits(), b.next_logits(), atol=1e-5)  # prefill: many rows
+    for token in (9, 31, 4):
+        a.append(token), b.append(token)
+        assert torch.allclose(a.next_logits(), b.next_logits(), atol=1e-5)  # decode: one row
