@@ -36,19 +36,33 @@ class SharedProjection(nn.Module):
         super().__init__()
         self.layer = layer
         self.bounds = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
-        self._input: torch.Tensor | None = None  # held, so `is` cannot match a new tensor
-        self._output: torch.Tensor | None = None
-        self._served: set[int] = set()
+        # plain attributes in a plain object: nn.Module.__setattr__ costs ~9 us a call, and a
+        # decode step would set them ~240 times
+        self._last = _LastInput()
+
+    @property
+    def _output(self) -> torch.Tensor | None:
+        return self._last.output
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._input or index in self._served:
-            self._input, self._output, self._served = x, self.layer(x), set()
-        self._served.add(index)
+        last = self._last
+        if x is not last.input or index in last.served:
+            last.input, last.output, last.served = x, self.layer(x), set()
+        last.served.add(index)
         low, high = self.bounds[index]
-        y = self._output[..., low:high]
-        if len(self._served) == len(self.bounds):
-            self._input = self._output = None
+        y = last.output[..., low:high]
+        if len(last.served) == len(self.bounds):
+            last.input = last.output = None
         return y
+
+
+class _LastInput:
+    __slots__ = ("input", "output", "served")
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None  # held, so `is` cannot match a new tensor
+        self.output: torch.Tensor | None = None
+        self.served: set[int] = set()
 
 
 class ProjectionPart(nn.Module):
