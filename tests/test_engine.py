@@ -98,6 +98,20 @@ def test_chain_greedy_equals_plain_greedy(verifier_lm, twin_lm, make_drafters, d
         assert stats.drafted > 0
 
 
+@pytest.mark.parametrize("rule", ["sps", "rrs", "spechub"])
+def test_lossless_rules_at_temperature_zero_verify_as_greedy(verifier_lm, twin_lm, rule, monkeypatch):
+    """A lossless rule at temperature 0 runs as the greedy rule (engine/types.py verification_rule):
+    the same tokens as plain greedy, and no vocabulary-sized laws built for it on either side."""
+    def no_laws(*args, **kwargs):
+        raise AssertionError("process_logits called for a greedy-equivalent round")
+
+    monkeypatch.setattr("specserve.engine.local.process_logits", no_laws)
+    drafters = [LMDrafter(twin_lm, name="twin"), PromptLookupDrafter()]
+    tokens, stats = run(verifier_lm, drafters, rule=rule, max_new_tokens=40, draft_length=5)
+    assert tokens == plain(verifier_lm, 40)
+    assert stats.accepted > 0
+
+
 @pytest.mark.parametrize("tree_config", [(2, 2), (3, 1, 1), (2, 2, 2)])
 def test_kconfig_tree_greedy_equals_plain_greedy(verifier_lm, twin_lm, tree_config):
     tokens, stats = run(

@@ -352,3 +352,44 @@ def test_hub_node_without_a_recorded_hub_uses_argmax_of_the_draft_law():
             tree.hub_token[ROOT] = 1
         outcomes.append([verify_tree(tree, rows, "spechub", None, torch.Generator().manual_seed(s)).tokens for s in range(30)])
     assert outcomes[0] == outcomes[1]
+
+
+LOSSLESS_SAMPLED_RULES = [r for r in engine_types.RULES if r != "greedy" and r not in engine_types.LOSSY_RULES]
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("rule", LOSSLESS_SAMPLED_RULES)
+def test_every_lossless_rule_at_temperature_zero_is_the_greedy_walk(rule, seed):
+    """What verification_rule relies on (engine/types.py): on one-hot target rows (temperature 0)
+    a lossless rule accepts exactly the greedy walk and emits its argmax, whatever laws the drafts
+    came with (none, or random ones), on random trees with several children per node."""
+    from specserve.sampling.params import SamplingParams, process_logits
+
+    assert engine_types.verification_rule(rule, greedy_sampling=True) == "greedy"
+    assert engine_types.verification_rule(rule, greedy_sampling=False) == rule
+    g = torch.Generator().manual_seed(seed)
+    vocab = 6
+    tree = TokenTree()
+    frontier = [ROOT]
+    for _ in range(3):
+        nxt = []
+        for parent in frontier:
+            for token in torch.randperm(vocab, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))].tolist():
+                law = torch.softmax(torch.randn(vocab, generator=g), -1) if seed % 2 else None
+                nxt.append(tree.propose(parent, token, law, "D"))
+        frontier = nxt
+    logits = torch.randint(0, 3, (len(tree) + 1, vocab), generator=g).float()
+    for node in [ROOT, *range(len(tree))]:
+        kids = tree.proposals.get(node, [])
+        if kids and torch.rand(1, generator=g) < 0.7:
+            logits[0 if node == ROOT else node + 1, tree.tokens[kids[-1].child]] = 5.0
+    walked = verify_tree(tree, logits, "greedy")
+    for draw in range(3):
+        verdict = verify_tree(tree, process_logits(logits, SamplingParams()), rule, None,
+                              torch.Generator().manual_seed(100 * seed + draw))
+        assert (verdict.path, verdict.tokens) == (walked.path, walked.tokens)
+
+
+def test_lossy_rules_keep_their_own_rule_at_temperature_zero():
+    for rule in engine_types.LOSSY_RULES:
+        assert engine_types.verification_rule(rule, greedy_sampling=True) == rule

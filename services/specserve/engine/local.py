@@ -30,6 +30,7 @@ from ..tree.token_tree import ROOT, TokenTree
 from .goodput import CallDemand, PassPlanner
 from .loop import TARGET_ROOT
 from .merge import accepted_by_drafter, merge_trees
+from .types import verification_rule
 from .workers import (AheadCall, AheadReply, AheadUnitTree, DraftCall, DraftReply, VerifyCall, VerifyReply,
                       alternative_label, is_model_free)
 
@@ -275,12 +276,14 @@ class LocalVerifier:
         """Acceptance next to the logits, then keep the accepted path in the session's cache."""
         # the greedy rule reads only each row's argmax (sampling/tree_verify.py), which temperature,
         # top-k and top-p keep: the raw logits will do, without vocabulary-sized processed rows
-        greedy_rows = call.rule == "greedy" and self.on_verified is None
+        # (so does every lossless rule at temperature 0: engine/types.py verification_rule)
+        rule = verification_rule(call.rule, call.sampling.greedy)
+        greedy_rows = rule == "greedy" and self.on_verified is None
         target_probs = logits if greedy_rows else process_logits(logits, call.sampling)
         verdict = verify_tree(
             call.tree,
             target_probs,
-            call.rule,
+            rule,
             call.rule_params,
             None if greedy_rows else generator_for(call.seed, "verifier"),
         )

@@ -35,7 +35,7 @@ from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
 from .goodput import CatchUpCost, shadow_accepted
 from .merge import drafted_by_drafter, merge_trees
-from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult
+from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult, verification_rule
 from .workers import (DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_alternative_label,
                       is_model_free)
 
@@ -176,12 +176,13 @@ class DecodeLoop:
         if not request.prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         drafters = self.chosen_drafters(request)
-        coupling: Coupling = coupling_for_rule(request.rule)  # how drafters must draw siblings
+        rule = verification_rule(request.rule, request.sampling.greedy)  # sps at T = 0 is greedy
+        coupling: Coupling = coupling_for_rule(rule)  # how drafters must draw siblings
         seed = request.seed if request.seed is not None else int(np.random.SeedSequence().entropy % (1 << 63))
         session_id = request.session_id or uuid.uuid4().hex
         stops = set(request.stop_token_ids)
         # mcsd-ti (LOSSY): fork-shaped trees [w, 1, 1, ...]: w target roots, one chain under each
-        ti = request.rule == "mcsd-ti"
+        ti = rule == "mcsd-ti"
         ti_width = (request.tree_config[0] if request.tree_config else 2) if ti else 0
         roots: list[int] | None = None  # known after the first verification
         if ti:
@@ -193,7 +194,7 @@ class DecodeLoop:
         stops_itself = len(free_drafters) < len(drafters)
         drafter_set = tuple(d.name for d in drafters)  # what the loop remembers across requests by
         # runner-up siblings (greedy only: another rule's tree must follow its coupling)
-        may_widen = (self.greedy_alternatives and request.rule == "greedy" and stops_itself
+        may_widen = (self.greedy_alternatives and rule == "greedy" and stops_itself
                      and not request.tree_config)
         policy = self._length_policy(drafters, max_depth, stops_itself) if self.dynamic_length else None
         if policy is not None:
@@ -239,7 +240,7 @@ class DecodeLoop:
                     tree_config=tuple(request.tree_config[:num_tokens]) if request.tree_config and not ti else None,
                     coupling=coupling,
                     roots=list(roots) if ti else None,
-                    rule=request.rule,
+                    rule=rule,
                     verify_window_s=last_verify_seconds,
                     min_confidence=self.min_draft_confidence,
                     alternatives=alternatives,
@@ -301,7 +302,7 @@ class DecodeLoop:
                 ahead_ctx = AheadContext(
                     session_id=session_id, committed=list(committed), tree=tree, round_index=round_index,
                     seed=round_seed(seed, (1 << 32) + round_index),  # its own RNG stream
-                    sampling=request.sampling, rule=request.rule, coupling=coupling,
+                    sampling=request.sampling, rule=rule, coupling=coupling,
                     next_depth=min(next_depth, max_depth, remaining - (tree.max_depth if len(tree) else 0) - 2),
                     accept_rates=policy.acceptance_rates() if policy else (),
                     drafters=drafters, draft_all=self._draft_all, min_confidence=self.min_draft_confidence,
@@ -316,7 +317,7 @@ class DecodeLoop:
                     committed=list(committed),
                     tree=tree,
                     sampling=request.sampling,
-                    rule=request.rule,
+                    rule=rule,
                     rule_params=request.rule_params,
                     seed=rseed,
                     ti_width=ti_width,

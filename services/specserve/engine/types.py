@@ -16,6 +16,16 @@ RULES = ("greedy", "sps", "cactus", "tas", "rrs", "rrs-wor", "spechub", "mcsd-ti
 LOSSY_RULES = frozenset({"cactus", "tas", "mcsd-ti"})  # mcsd-ti = improved MCSD root selection: LOSSY
 
 
+def verification_rule(rule: str, greedy_sampling: bool) -> str:
+    """The rule rounds run: at temperature 0 every lossless rule is the greedy rule. A one-hot
+    target law accepts only the child equal to its argmax (p(x)/q(x) = 0 for any other token) and
+    its residual max(p - q, 0) is still that argmax, whatever the drafts' laws q were; so the
+    verifier reads the rows' argmax only, with no vocabulary-sized laws, and drafters send no rows
+    (tests/test_sampling_tree_verify.py checks each lossless rule against the greedy walk). The
+    lossy rules keep their own reading of a one-hot law."""
+    return "greedy" if greedy_sampling and rule not in LOSSY_RULES else rule
+
+
 @dataclass
 class RuleParams:
     delta: float = 0.5  # cactus divergence budget (0 == sps)
