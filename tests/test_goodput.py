@@ -610,3 +610,24 @@ def test_a_cap_must_beat_plain_decoding_by_the_models_error_bar(rate, cap):
     choice = choose_depth_cap([CallDemand(want=1, rates=(rate,)) for _ in range(2)], model)
     assert choice.values[1] / choice.values[0] == pytest.approx(1 + rate)
     assert choice.cap == cap and MIN_GAIN > 0.05
+
+
+def test_a_probe_re_reads_even_where_the_costs_say_drafting_does_not_pay(verifier_lm, twin_lm):  # noqa: F811
+    """Carried costs that say drafting does not pay (a noisy drafting time, say) make what drafting
+    saves 0, so by the payback rule no re-read is ever worth it: the policy's probes, the one way it
+    re-measures, must still reach the LM drafter. Before, every probe was dropped by that rule and
+    the LM sat out whole requests, and the next ones too (their costs were never re-measured)."""
+    lm_drafter = RecordingDrafter(LMDrafter(twin_lm, name="twin"), "twin")
+    loop = DecodeLoop(LocalVerifier(verifier_lm), [lm_drafter])
+    asyncio.run(loop.generate(GenerationRequest(prompt_ids=random_ids(20, seed=75), max_new_tokens=12,
+                                                rule="greedy", draft_length=4, session_id="warm-up")))
+    policy = loop._last_policy[("twin",)]
+    # a step 0.1 s, rows nearly free, but each drafted position measured at a whole step: no depth pays
+    policy.step_times, policy.draft_ratios = deque([0.1] * 4), deque([1.0] * 4)
+    policy.tree_times = deque((n, 0.1 + 0.001 * n) for n in (1, 2, 3, 4) * 2)
+    loop._catch_up[("twin",)].rates = deque([1e-3])  # a re-read costs something
+    prompt = random_ids(20, seed=76) * 2
+    tokens, _ = asyncio.run(loop.generate(GenerationRequest(prompt_ids=prompt, max_new_tokens=40, rule="greedy",
+                                                            draft_length=4, session_id="probed")))
+    assert tokens == verifier_lm.plain_generate(prompt, 40, SamplingParams())
+    assert [length for sid, length in lm_drafter.calls if sid == "probed"]  # the probes drafted

@@ -340,6 +340,11 @@ class TieredLengthPolicy:
     def active(self) -> DraftLengthPolicy:
         return self.free if self.free_only else self.full
 
+    @property
+    def probing(self) -> bool:
+        """The last length handed out is the whole set's probe (the LM's re-measurement)."""
+        return not self.free_only and self.full.probing
+
     def next_length(self, nodes_per_position: float = 1.0) -> int:
         k = self.full.next_length(nodes_per_position)
         self.free_only = False

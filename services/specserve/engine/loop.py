@@ -263,10 +263,14 @@ class DecodeLoop:
                 # round: this call now announces the depth it wants with that catch-up cost, and the
                 # verifier's next cap says whether the pass lets them (engine/goodput.py)
                 round_drafters = [d for d in round_drafters if is_model_free(d)]
-            elif policy is not None and depth > 0 and not all(is_model_free(d) for d in round_drafters):
+            elif (policy is not None and depth > 0 and not policy.probing
+                  and not all(is_model_free(d) for d in round_drafters)):
                 # a re-read that the rest of the request cannot pay back (a long prompt, a short
                 # answer; the tail of a request whose LM sat out under load) is not worth making:
-                # what drafting saves a token, times the tokens left, against the catch-up's seconds
+                # what drafting saves a token, times the tokens left, against the catch-up's seconds.
+                # Never for a probe: where the costs say drafting does not pay, what it saves is 0,
+                # so any re-read "cannot pay back", the probe that would re-measure never ran, and
+                # the LM stayed off for whole requests (Qwen, T = 1: 5 of 12 prompts undrafted)
                 catch_up_cost = catch_up.seconds_for(len(committed) - seen)
                 if catch_up_cost > 0 and catch_up_cost >= remaining * policy.seconds_saved_per_token(
                         depth, nodes_per_position):
