@@ -143,7 +143,7 @@ def test_fused_projections_are_the_separate_projections():
         for order in (["q_proj", "k_proj", "v_proj"], ["v_proj", "q_proj", "k_proj"], ["gate_proj", "up_proj"]):
             for name in order:
                 assert torch.allclose(getattr(block, name)(x), want[name], atol=1e-6), name
-            assert getattr(block, order[0]).shared._output is None  # dropped once every part was served
+            assert getattr(block, order[0]).shared._last.output is None  # dropped once every part was served
         assert torch.allclose(block.k_proj(y), want_y)  # a new input runs the stacked layer again
         assert torch.allclose(block.q_proj(x), want["q_proj"]) and torch.allclose(block.q_proj(x), want["q_proj"])
 

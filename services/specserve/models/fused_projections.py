@@ -40,10 +40,6 @@ class SharedProjection(nn.Module):
         # decode step would set them ~240 times
         self._last = _LastInput()
 
-    @property
-    def _output(self) -> torch.Tensor | None:
-        return self._last.output
-
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         last = self._last
         if x is not last.input or index in last.served:

@@ -24,8 +24,8 @@ with AVX512-BF16 (no AMX): fp32 model int8 22.9 ms, int4 21.9 ms; bf16 model int
 29.6 ms, unquantized bf16 78.9 ms; AVX2-only EPYC: int8 fp32 41.6 ms is the fastest there too.
 q/k/v and gate/up are stacked into one quantized layer each (models/fused_projections.py: the
 same numbers in 2 kernel calls instead of 5; 15-17 % off a Qwen2.5-0.5B drafter token, int8 and
-int4, on the AVX512-BF16 EPYC). The lm_head is quantized too (for tied embeddings only the output projection: the input
-embedding stays a dense lookup). torchao's int8 weight-only tensor dequantizes the whole weight
+int4, on the AVX512-BF16 EPYC). The lm_head is quantized too (for tied embeddings only the output
+projection: the input embedding stays a dense lookup). torchao's int8 weight-only tensor dequantizes the whole weight
 per call in eager mode, so it is not used here.
 """
 
@@ -165,7 +165,8 @@ def layer_class(scheme: str, model_dtype: torch.dtype) -> type[nn.Module]:
 
 def quantize_model(model: nn.Module, scheme: str) -> str:
     """Replace every dense linear layer of a CPU model (lm_head included) by the `scheme` kernel
-    for this CPU and the model's dtype, in place, sibling projections stacked into one layer. Returns the kernel's name (for summaries)."""
+    for this CPU and the model's dtype, in place, sibling projections stacked into one layer.
+    Returns the kernel's name (for summaries)."""
     param = next(model.parameters())
     if param.device.type != "cpu":
         raise ValueError(f"quantized drafters run on the CPU only (model is on {param.device})")
