@@ -80,16 +80,8 @@ def score_trees(sessions: list[LMSession], trees: list[TokenTree]) -> list[torch
             layer.keys, layer.values = torch.cat(keys), torch.cat(values)
 
     device = lm.device
-    with lm.lock:
-        out = lm.model(
-            input_ids=ids.to(device),
-            attention_mask=mask[:, None].to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=0,
-        )
-    logits = out.logits.float().cpu()
+    logits, _ = lm.forward(ids.to(device), positions.to(device), mask[:, None].to(device), cache)
+    logits = logits.float().cpu()
 
     results = []
     for b, (session, tree, (feed, _, _), prefix) in enumerate(zip(sessions, trees, inputs, prefixes)):

@@ -26,6 +26,7 @@ from ..sampling.params import SamplingParams, greedy_token, process_logits
 from ..tree.token_tree import ROOT, TokenTree
 from .attention import NAME as ATTENTION  # registers the GQA-packing sdpa (models/attention.py)
 from .compute import on_compute
+from .lean_forward import LeanForward
 from .packed_linear import pack_linear_layers
 from .quantize import cpu_has, quantize_model
 from .weights import resolve_model
@@ -95,6 +96,9 @@ class CausalLM:
         self.lock = threading.RLock()
         self.compute_lane = 0  # which compute thread runs its CPU work (models/compute.py lanes)
         self.kernels = str(self.dtype).removeprefix("torch.")  # what its linear layers run (summaries)
+        # the decoder's arithmetic without transformers' per-call machinery, where it computes the
+        # same (models/lean_forward.py); built lazily, after quantization or packing swapped layers
+        self._lean: LeanForward | None | bool = False
 
     @classmethod
     @on_compute  # the loading thread is the one that runs every later forward (models/compute.py)
@@ -150,6 +154,45 @@ class CausalLM:
 
     def new_session(self) -> "LMSession":
         return LMSession(self)
+
+    @property
+    def lean(self) -> LeanForward | None:
+        """The lean forward of this model, or None where it keeps transformers' forward."""
+        if self._lean is False:
+            self._lean = LeanForward.build(self.model)
+        return self._lean
+
+    def use_lean_forward(self, enabled: bool) -> None:
+        """Turn the lean forward on (where supported) or off (transformers' forward everywhere;
+        for comparisons)."""
+        self._lean = False if enabled else None
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: DynamicCache,
+        logits_to_keep: int = 0,
+        want_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ONE forward over ids [B, T] at `positions` on top of `cache` (updated in place); mask:
+        additive [B, 1, T, past + T] or None (causal). Returns logits [B, T or logits_to_keep, V]
+        and, when asked, the last layer's (normed) hidden states [B, T, H]."""
+        with self.lock:
+            lean = self.lean
+            if lean is not None:
+                return lean(ids, positions, mask, cache, logits_to_keep, want_hidden)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                output_hidden_states=want_hidden,
+            )
+        return out.logits, (out.hidden_states[-1] if want_hidden else None)
 
     @on_compute  # timed on the same thread as the engine's model work
     @torch.inference_mode()
@@ -380,21 +423,14 @@ class LMSession:
         all_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([tokens], device=self.lm.device)
-        with self.lm.lock:
-            out = self.lm.model(
-                input_ids=ids,
-                attention_mask=mask4d,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-                output_hidden_states=not all_logits,
-            )
+        logits, hidden = self.lm.forward(
+            ids, positions, mask4d, self.cache, logits_to_keep=0 if all_logits else 1, want_hidden=not all_logits
+        )
         self.forwards += 1
         # acceptance runs on the CPU next to the CPU generators (a few rows of logits per pass);
         # on a CPU model .cpu() is a no-op
-        hidden = out.hidden_states[-1][0, -1].float().cpu() if out.hidden_states is not None else None
-        return out.logits[0].float().cpu(), hidden
+        last_hidden = hidden[0, -1].float().cpu() if hidden is not None else None
+        return logits[0].float().cpu(), last_hidden
 
 
 class SessionCache:
