@@ -6,6 +6,8 @@
   DraftLengthPolicy and the real cap: speculative goodput never below plain batched decoding's
   (by more than 3 %), for CPU-, compute-bound- and GPU-shaped pass costs; without the cap the
   same simulation loses to plain (the test can fail).
+* GoodputAudit: with a per-round cost the cap model cannot see, the model's open caps lose to
+  plain and the realised-goodput audit vetoes them; acceptance noise alone is no veto.
 * The verifier (tiny fp32 model): trees are cut to the cap, replies carry it, and concurrent
   greedy generations under caps still equal plain greedy token for token.
 """
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 from collections import deque
 
 import pytest
 
 from specserve.cascade.draft_length import DraftLengthPolicy
 from specserve.engine import GenerationRequest
-from specserve.engine.goodput import CallDemand, CatchUpCost, PassCostModel, PassPlanner, choose_depth_cap
+from specserve.engine.goodput import (CallDemand, CatchUpCost, GoodputAudit, PassCostModel, PassPlanner,
+                                      choose_depth_cap)
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.engine.loop import DecodeLoop
 from specserve.engine.workers import DraftCall, DraftReply
@@ -145,13 +149,17 @@ def test_a_capped_call_is_costed_as_if_it_drafted_what_it_wants():
 # ---- deterministic fake-cost simulation: never worse than plain -------------------------------
 
 
-def simulate(batch: int, alpha: float, curve, caps: bool = True, rounds: int = 400, seed: int = 0) -> float:
+def simulate(batch: int, alpha: float, curve, caps: bool = True, rounds: int = 400, seed: int = 0,
+             hidden: float = 0.0, audit: bool = True) -> float:
     """Aggregate tokens per unit time of `batch` streams in lockstep (a saturated continuous
     batcher: every round all streams share one pass). Each stream's draft is accepted position by
-    position with probability alpha; pass time is curve(rows), rows = batch x padded feed."""
+    position with probability alpha; pass time is curve(rows), rows = batch x padded feed, plus
+    `hidden` for a pass that verifies any drafted position: a cost of drafted rounds that the
+    pass cost model never sees (thread hops, tree building), which only the audit can catch."""
     rng = random.Random(seed)
     policies = [DraftLengthPolicy(16) for _ in range(batch)]
-    planner = PassPlanner()
+    planner = PassPlanner(audit=audit)
+    sessions = [str(i) for i in range(batch)]
     hints = [-1] * batch
     tokens, clock = 0, 0.0
     for _ in range(rounds):
@@ -166,7 +174,9 @@ def simulate(batch: int, alpha: float, curve, caps: bool = True, rounds: int = 4
         rows = batch * (1 + max(verified))
         seconds = curve(rows)
         planner.costs.record(rows, seconds)
-        clock += seconds
+        started = clock
+        clock += seconds + (hidden if max(verified) > 0 else 0.0)
+        emitted = tokens
         for i, policy in enumerate(policies):
             accepted = 0
             while accepted < verified[i] and rng.random() < alpha:
@@ -174,6 +184,8 @@ def simulate(batch: int, alpha: float, curve, caps: bool = True, rounds: int = 4
             tokens += accepted + 1
             policy.record(verified[i], accepted, 0.0, seconds, verified[i])
             hints[i] = cap
+        if batch > 1:
+            planner.passed(started, sessions, max(verified) > 0, tokens - emitted)
     return tokens / clock
 
 
@@ -197,6 +209,81 @@ def test_without_the_cap_speculation_loses_under_load():
     assert simulate(8, 0.5, curve, caps=False) < 0.9 * 8 / curve(8)
 
 
+# ---- the realised-goodput audit -----------------------------------------------------------------
+
+HIDDEN_LOSSES = [("gpu", 8, 0.2), ("gpu", 4, 0.2), ("gpu", 2, 0.2), ("cpu-avx2", 2, 0.5), ("compute-bound", 2, 0.8)]
+
+
+@pytest.mark.parametrize("curve,batch,alpha", HIDDEN_LOSSES)
+def test_a_round_cost_the_model_cannot_see_is_caught_by_the_audit(curve, batch, alpha):
+    """One step of per-round cost on every drafted pass (the model prices rows and drafting
+    only): the model's caps lose 14-38 % to plain, the audit brings it back within 5 %."""
+    plain = batch / CURVES[curve](batch)
+    blind = statistics.mean(simulate(batch, alpha, CURVES[curve], hidden=1.0, audit=False, seed=s) for s in range(3))
+    audited = statistics.mean(simulate(batch, alpha, CURVES[curve], hidden=1.0, seed=s) for s in range(3))
+    assert blind < 0.87 * plain, (blind, plain)  # the case is real: without the audit it loses
+    assert audited >= 0.95 * plain, (audited, blind, plain)
+
+
+@pytest.mark.parametrize("curve", sorted(CURVES))
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_the_audit_keeps_most_of_what_open_passes_gain(curve, alpha):
+    """Where drafting pays (no hidden cost), the audit's re-check stretches of plain passes cost
+    little of the gain; acceptance noise does not make it veto a cap that pays."""
+    for batch in (2, 4):
+        plain = batch / CURVES[curve](batch)
+        blind = simulate(batch, alpha, CURVES[curve], audit=False)
+        if blind < 1.05 * plain:
+            continue  # nothing to keep
+        audited = simulate(batch, alpha, CURVES[curve])
+        assert audited - plain >= 0.9 * (blind - plain), (batch, audited, blind, plain)
+
+
+def feed(audit: GoodputAudit, passes, sessions=("a", "b"), start: float = 0.0) -> float:
+    """Consecutive shared passes of (opened, tokens, seconds); returns the clock after them."""
+    clock = start
+    for opened, tokens, seconds in passes:
+        audit.passed(clock, sessions, opened, tokens)
+        clock += seconds
+    return clock
+
+
+def test_the_audit_times_consecutive_passes_of_one_mode_and_skips_transitions():
+    audit = GoodputAudit(min_samples=2)
+    feed(audit, [(True, 6, 2.0)] * 3 + [(False, 2, 1.0)] * 3 + [(True, 6, 2.0)])
+    assert audit.rate(2, True) == (3.0, 0.0)  # 2 samples; the open pass after the closed ones not yet
+    assert audit.rate(2, False) == (2.0, 0.0)  # the open -> closed transition's interval left out
+    assert audit.rate(4, True) is None  # another batch size: unmeasured
+
+
+def test_a_different_session_set_breaks_the_chain():
+    audit = GoodputAudit(min_samples=1)
+    clock = feed(audit, [(True, 6, 2.0)], sessions=("a", "b"))
+    feed(audit, [(True, 6, 2.0)], sessions=("a", "c"), start=clock)
+    assert audit.rate(2, True) is None
+
+
+def test_the_audit_vetoes_open_passes_that_realised_less_and_rechecks_later():
+    audit = GoodputAudit(min_samples=3, audit_every=8, stretch=4)
+    clock = feed(audit, [(True, 3, 2.0)] * 5)  # open: 1.5 tokens/s
+    assert audit.allow_open(2) is False  # closed unmeasured: a stretch of plain passes first
+    clock = feed(audit, [(False, 2, 1.0)] * 5, start=clock)  # closed: 2 tokens/s
+    answers = [audit.allow_open(2) for _ in range(40)]
+    assert answers[3:11] == [False] * 8  # the stretch ends, then the veto holds
+    assert True in answers  # ... until a re-check stretch of open passes
+    first = answers.index(True, 3)
+    assert answers[first:first + 4] == [True] * 4
+
+
+def test_a_loss_inside_the_noise_is_no_veto():
+    """Open passes whose tokens swing with acceptance (2.29 a pass against closed 2.4: 5 % less,
+    inside its standard error of 0.42): no veto. Without the noise term it would be one."""
+    audit = GoodputAudit(min_samples=4)
+    clock = feed(audit, [(True, t, 1.0) for t in (1, 3, 2, 4, 1, 3, 2, 3)])
+    feed(audit, [(False, 2.4, 1.0)] * 6, start=clock)
+    assert all(audit.allow_open(2) for _ in range(20))
+
+
 # ---- the verifier -----------------------------------------------------------------------------
 
 
@@ -208,6 +295,20 @@ def deep_calls(n: int) -> list:
         call.want_depth, call.accept_rates = 6, (0.3,) * 6
         calls.append(call)
     return calls
+
+
+def test_the_verifier_reports_each_shared_pass_to_the_audit(lm):  # noqa: F811
+    """Two shared passes of the same sessions: the first one's tokens over the seconds to the
+    second's start is one sample at batch 2, in the mode the pass ran (2 x 2 rows are free on
+    this curve, so the cap is 1: open)."""
+    verifier = LocalVerifier(lm, max_batch_size=8)
+    verifier.planner.costs = FixedCost(CURVES["compute-bound"])
+    first = verifier.verify_batch_sync(deep_calls(2))
+    verifier.verify_batch_sync(deep_calls(2))
+    assert verifier.shared_pass_caps == [1, 1]
+    samples = verifier.planner.audit._samples[(2, True)]
+    assert len(samples) == 1 and samples[0][0] == sum(len(r.tokens) for r in first) and samples[0][1] > 0
+    assert (2, False) not in verifier.planner.audit._samples
 
 
 def test_the_verifier_cuts_shared_passes_to_the_cap_and_says_so(lm):  # noqa: F811

@@ -249,6 +249,88 @@ def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin:
     return CapChoice(cap=best, goodput=values[best], plain_goodput=values[0], values=values)
 
 
+class GoodputAudit:
+    """Realised goodput of open (drafted) against closed (plain) shared passes, per batch size.
+
+    The cap model (choose_depth_cap) predicts a pass's goodput from rows and drafting positions;
+    it leaves out what else a drafted round costs (thread hops, the loop's Python, trees built and
+    cut, passes that split) and takes the calls' acceptance estimates at face value. Measured on
+    the Qwen pair at 4 streams, caps it opened at a predicted gain lost 12-20 %. The audit
+    measures instead: tokens emitted over the wall seconds from one shared pass's start to the
+    next's, for consecutive passes of the same sessions in the same mode (a transition interval
+    mixes both and is left out). Where open passes realised less than closed ones at that batch
+    size, by more than the tolerance and the standard error of both figures, the model's open cap
+    is vetoed (an open pass's tokens swing with acceptance; vetoing on noise threw away gains of
+    10 % in the fake-cost simulation). Each verdict is re-checked by a short stretch of the
+    other mode, on an interval that doubles each time the verdict holds: what checking costs
+    shrinks while the verdict is right, and a changed load is still found."""
+
+    def __init__(self, window: int = 16, min_samples: int = 4, audit_every: int = 32, stretch: int = 4,
+                 tolerance: float = 0.02, z: float = 1.0) -> None:
+        self.window, self.min_samples, self.tolerance, self.z = window, min_samples, tolerance, z
+        self.audit_every, self.stretch = audit_every, stretch
+        self._samples: dict[tuple[int, bool], deque] = {}
+        self._last: tuple[float, frozenset, bool, int] | None = None  # start, sessions, open, tokens
+        self._passes: dict[int, int] = {}  # shared passes seen per batch size
+        self._due: dict[int, int] = {}  # pass count at which the verdict is next re-checked
+        self._every: dict[int, int] = {}
+        self._stretch: dict[int, tuple[bool, int]] = {}  # batch -> (forced mode, passes left)
+        self._verdict: dict[int, bool] = {}  # the last verdict per batch size: open pays
+
+    def passed(self, started: float, session_ids: Sequence[str], opened: bool, tokens: int) -> None:
+        """A pass started at `started` (seconds) with these sessions emitted `tokens`; `opened`:
+        it verified at least one drafted position."""
+        sessions = frozenset(session_ids)
+        last = self._last
+        if last is not None and last[1] == sessions and last[2] == opened and len(sessions) > 1 and started > last[0]:
+            self._samples.setdefault((len(sessions), opened), deque(maxlen=self.window)).append(
+                (last[3], started - last[0]))
+        self._last = (started, sessions, opened, tokens)
+
+    def rate(self, batch: int, opened: bool) -> tuple[float, float] | None:
+        """Realised tokens per second of that mode at that batch size and the standard error of
+        that figure (None: too few samples)."""
+        samples = self._samples.get((batch, opened))
+        if not samples or len(samples) < self.min_samples:
+            return None
+        rates = [t / s for t, s in samples]
+        return sum(t for t, _ in samples) / sum(s for _, s in samples), statistics.stdev(rates) / len(rates) ** 0.5
+
+    def allow_open(self, batch: int) -> bool:
+        """Whether a shared pass of `batch` calls may keep the model's open cap (asked only when
+        the model opened one)."""
+        passes = self._passes[batch] = self._passes.get(batch, 0) + 1
+        forced = self._stretch.get(batch)
+        if forced is not None:
+            mode, left = forced
+            if left > 1:
+                self._stretch[batch] = (mode, left - 1)
+            else:
+                del self._stretch[batch]
+            return mode
+        open_rate, closed_rate = self.rate(batch, True), self.rate(batch, False)
+        if open_rate is None and closed_rate is None:
+            return True  # measure the model's choice first
+        if open_rate is None or closed_rate is None:  # one mode unmeasured: a stretch of it
+            self._stretch[batch] = (open_rate is None, self.stretch)
+            return self.allow_open(batch)
+        # open stands unless it lost by more than the tolerance and the noise of both figures
+        # (acceptance makes an open pass's tokens vary a lot; a veto on noise throws away a gain)
+        (open_mean, open_se), (closed_mean, closed_se) = open_rate, closed_rate
+        loss = closed_mean * (1 - self.tolerance) - open_mean
+        verdict = loss <= self.z * (open_se ** 2 + closed_se ** 2) ** 0.5
+        if self._verdict.get(batch) != verdict:  # a new verdict: re-check it soon
+            self._verdict[batch] = verdict
+            self._every[batch] = self.audit_every
+            self._due[batch] = passes + self.audit_every
+        elif passes >= self._due.get(batch, 0):  # re-check the standing verdict, then wait longer
+            self._every[batch] = 2 * self._every.get(batch, self.audit_every)
+            self._due[batch] = passes + self.stretch + self._every[batch]
+            self._stretch[batch] = (not verdict, self.stretch)
+            return self.allow_open(batch)
+        return verdict
+
+
 class PassPlanner:
     """The verifier's side: its pass cost model, and the cap of each shared pass.
 
@@ -258,8 +340,9 @@ class PassPlanner:
     answers K + 1 (its calls draft one deeper) and the next pass lets that depth through once,
     which measures it."""
 
-    def __init__(self, explore_every: int = 16, memory_passes: int = 8) -> None:
+    def __init__(self, explore_every: int = 16, memory_passes: int = 8, audit: bool = True) -> None:
         self.costs = PassCostModel()
+        self.audit = GoodputAudit() if audit else None  # realised goodput: vetoes caps that did not pay
         self.explore_every = explore_every
         self.shared_passes = 0
         self._let_through = -1  # the depth the next pass lets through (exploration), -1 = none
@@ -286,6 +369,12 @@ class PassPlanner:
             return -1
         return 0 if catch_up_seconds > 0 else self.last_cap
 
+    def passed(self, started: float, session_ids: Sequence[str], opened: bool, tokens: int) -> None:
+        """What a pass emitted, for the realised-goodput audit (every pass, lone ones too: they
+        break the chain of consecutive shared passes that the audit times)."""
+        if self.audit is not None:
+            self.audit.passed(started, session_ids, opened, tokens)
+
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
         self.shared_passes += 1
@@ -294,6 +383,8 @@ class PassPlanner:
         if choice is None:
             return -1
         cap, self._let_through = max(choice.cap, self._let_through), -1
+        if cap > 0 and self.audit is not None and not self.audit.allow_open(len(demands)):
+            cap = 0  # open passes of this size realised less than plain ones
         if self.shared_passes % self.explore_every == 0 and cap < max(d.want for d in demands):
             rows = len(demands) * max(d.feed(cap + 1) for d in demands)
             if rows > self.costs.largest_rows():

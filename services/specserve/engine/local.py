@@ -255,6 +255,10 @@ class LocalVerifier:
                             results[i] = exc
             except Exception:  # noqa: BLE001 - the pass itself failed: isolate the culprit
                 alone = sorted(alone + [i for i in batched if results[i] is None])
+            if self.goodput_caps:  # what the pass realised, for the planner's goodput audit
+                self.planner.passed(started, [calls[i].session_id for i in batched],
+                                    opened=any(len(calls[i].tree) for i in batched),
+                                    tokens=sum(len(r.tokens) for r in results if isinstance(r, VerifyReply)))
         for i in alone:
             lone_cap = -1
             if self.goodput_caps and i not in batched and calls[i].rule != "mcsd-ti":
@@ -263,6 +267,8 @@ class LocalVerifier:
                     calls = list(calls)
                     calls[i] = dataclasses.replace(calls[i], tree=merge_trees([calls[i].tree], max_depth=lone_cap))
             try:
+                if self.goodput_caps:  # a lone pass breaks the chain of shared passes the audit times
+                    self.planner.passed(time.perf_counter(), [calls[i].session_id], bool(len(calls[i].tree)), 0)
                 results[i] = self.verify_sync(calls[i])
                 results[i].depth_cap = lone_cap
             except Exception as exc:  # noqa: BLE001 - this call's error, returned to it
