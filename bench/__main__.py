@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--rounds", type=int, default=24)
     rc.add_argument("--depth", type=int, default=3)
     rc.add_argument("--early-exit", type=int, default=8)
+    rc.add_argument("--repeats", type=int, default=3, help="alternations of plain / verifier-only / speculative")
     _common(rc)
 
     bp = sub.add_parser("batch", help="concurrent streams: speculative (with / without the load policy) vs plain, batched")
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--streams", type=lambda s: tuple(int(x) for x in _names(s)), default=(1, 2, 4, 8))
     bp.add_argument("--drafters", type=_names, default=["ngram", "suffix", "prompt-lookup"])
     bp.add_argument("--draft-length", type=int, default=16)
+    bp.add_argument("--modes", type=lambda s: tuple(_names(s)), default=("plain", "spec-nocap", "spec"),
+                    help="plain, spec-nocap, spec-noaudit (the cap without its realised-goodput audit), spec")
     bp.add_argument("--repeats", type=int, default=2,
                     help="runs of each mode per level, in mirrored order (cancels the VM's drift)")
     _common(bp)
@@ -206,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         from .round_cost import run_round_cost
 
         result = run_round_cost(args.model, [p.text for p in prompts], args.contexts, args.rounds, args.depth,
-                                args.early_exit, args.dtype, progress=log)
+                                args.early_exit, args.dtype, args.repeats, progress=log)
         _finish(args, result, f"round_{args.model.replace('/', '_')}")
         return 0
     if args.command == "batch":
         from .batching import run_batching
 
         result = run_batching(args.model, prompts, args.streams, args.max_new_tokens, tuple(args.drafters),
-                              args.draft_length, args.max_prompt_tokens, args.dtype, args.repeats, progress=log)
+                              args.draft_length, args.max_prompt_tokens, args.dtype, args.repeats, args.modes,
+                              progress=log)
         _finish(args, result, f"batching_{args.model.replace('/', '_')}")
         return 0
     if args.command == "ahead":

@@ -33,7 +33,8 @@ from specserve.models.causal_lm import CausalLM
 from .prompts import Prompt, encode_chat
 from .systems import stop_token_ids
 
-MODES = ("plain", "spec-nocap", "spec")
+MODES = ("plain", "spec-nocap", "spec")  # the default set; "spec-noaudit": the cap without its audit
+ALL_MODES = ("plain", "spec-nocap", "spec-noaudit", "spec")
 # Each run first serves one request through its own decode loop, untimed, as a server has served
 # one before: a fresh loop knows no catch-up cost of its LM drafters and no pass costs, and every
 # stream of the timed run would pay for learning them. Not a Spec-Bench prompt: the suffix
@@ -46,7 +47,9 @@ WARM_TOKENS = 32
 def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, mode: str, draft_length: int,
          stops, tag: str, warm_ids: list[int] | None = None):
     verifier = LocalVerifier(lm, max_sessions=len(prompt_ids) + 1, max_batch_size=streams,
-                             goodput_caps=mode == "spec")
+                             goodput_caps=mode in ("spec", "spec-noaudit"))
+    if mode == "spec-noaudit":
+        verifier.planner.audit = None
     loop = DecodeLoop(verifier, drafters() if mode != "plain" else [])
 
     async def all_streams():
@@ -82,13 +85,14 @@ def _run(lm, drafters, prompt_ids: list[list[int]], streams: int, max_new: int, 
         "tokens_per_step": sum(len(t) for t in tokens) / max(sum(s.rounds for _, s in results), 1),
         "mean_batch": statistics.mean(verifier.shared_pass_sizes) if verifier.shared_pass_sizes else 1.0,
         "mean_cap": statistics.mean(caps) if caps else None,
+        "vetoes": verifier.planner.vetoes,
         "outputs": tokens,
     }
 
 
-def mirrored_orders(level: int, repeats: int) -> list[tuple[str, ...]]:
+def mirrored_orders(level: int, repeats: int, modes: tuple[str, ...] = MODES) -> list[tuple[str, ...]]:
     """The mode order of each repeat at one level: the rotated order, then its mirror, and so on."""
-    first = MODES[level % len(MODES):] + MODES[: level % len(MODES)]
+    first = modes[level % len(modes):] + modes[: level % len(modes)]
     return [first if r % 2 == 0 else first[::-1] for r in range(repeats)]
 
 
@@ -101,15 +105,19 @@ def _pooled(runs: list[dict]) -> dict:
         "tokens_per_step": tokens / max(rounds, 1),
         "mean_batch": statistics.mean(r["mean_batch"] for r in runs),
         "mean_cap": statistics.mean(caps) if caps else None,
+        "vetoes": sum(r.get("vetoes", 0) for r in runs),
         "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
     }
 
 
 def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], max_new_tokens: int,
                  drafters: tuple[str, ...] = ("ngram", "suffix", "prompt-lookup"), draft_length: int = 16,
-                 max_prompt_tokens: int = 512, dtype: str = "float32", repeats: int = 2, progress=print) -> dict:
+                 max_prompt_tokens: int = 512, dtype: str = "float32", repeats: int = 2,
+                 modes: tuple[str, ...] = MODES, progress=print) -> dict:
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if "plain" not in modes or any(m not in ALL_MODES for m in modes):
+        raise ValueError(f"modes must include plain and be among {ALL_MODES}, got {modes}")
     lm = CausalLM.load(model, dtype=dtype)
     stops = tuple(stop_token_ids(lm))
     # LM drafters load once (their caches are per session id); model-free ones are made anew per
@@ -119,7 +127,7 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
     def local_drafters():
         return [loaded[spec] if spec in loaded else make_local_drafters([spec], lm)[0] for spec in drafters]
     warm = encode_chat(lm.tokenizer, prompts[0].text, max_prompt_tokens)
-    for mode in MODES:  # first-pass costs of every shape, not timed
+    for mode in modes:  # first-pass costs of every shape, not timed
         _run(lm, local_drafters, [warm, warm[:-1]], 2, 8, mode, draft_length, stops, "warm")
     ids = [encode_chat(lm.tokenizer, p.text, max_prompt_tokens) for p in prompts]
     warm_loop = encode_chat(lm.tokenizer, WARM_TEXT, max_prompt_tokens)
@@ -127,46 +135,51 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
         raise ValueError(f"{max(streams)} streams need {max(streams)} prompts, got {len(ids)} (raise --per-category)")
     rows = []
     for n, count in enumerate(streams):
-        orders = mirrored_orders(n, repeats)
-        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        orders = mirrored_orders(n, repeats, modes)
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for r, order in enumerate(orders):
             for mode in order:
                 runs[mode].append(_run(lm, local_drafters, ids, count, max_new_tokens, mode, draft_length, stops,
                                        f"{count}-{r}", warm_ids=warm_loop))
         plain = _pooled(runs["plain"])
         row = {"streams": count, "orders": [list(o) for o in orders]}
-        for mode in MODES:
+        for mode in modes:
             row[mode] = _pooled(runs[mode])
             row[mode]["ratio"] = row[mode]["tokens_per_s"] / plain["tokens_per_s"]
             row[mode]["runs_ratio"] = [a / b for a, b in zip(row[mode]["runs_tokens_per_s"], plain["runs_tokens_per_s"])]
-        outputs = [run["outputs"] for mode in MODES for run in runs[mode]]
+        outputs = [run["outputs"] for mode in modes for run in runs[mode]]
         row["same_tokens"] = all(o == outputs[0] for o in outputs)
         rows.append(row)
-        progress(f"{count} streams: plain {plain['tokens_per_s']:.1f} tok/s, spec-nocap "
-                 f"{row['spec-nocap']['ratio']:.2f}x, spec (goodput cap) {row['spec']['ratio']:.2f}x "
-                 f"(per repeat {', '.join(f'{x:.2f}' for x in row['spec']['runs_ratio'])}; "
-                 f"mean cap {row['spec']['mean_cap']}), same tokens {row['same_tokens']}")
+        progress(f"{count} streams: plain {plain['tokens_per_s']:.1f} tok/s, " + ", ".join(
+            f"{m} {row[m]['ratio']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in row[m]['runs_ratio'])}; "
+            f"mean cap {row[m]['mean_cap']}, vetoes {row[m]['vetoes']})" for m in modes if m != "plain")
+            + f", same tokens {row['same_tokens']}")
     return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
                                          "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels, "prompts": len(ids),
-                                         "repeats": repeats,
+                                         "repeats": repeats, "modes": list(modes),
                                          "threads": torch.get_num_threads()}, "rows": rows}
+
+
+MODE_HEADS = {"spec-nocap": "speculative, no cap (tok/s)", "spec-noaudit": "speculative, cap without audit (tok/s)",
+              "spec": "speculative, goodput cap (tok/s)"}
 
 
 def batching_report(result: dict) -> str:
     meta = result["meta"]
-    head = ["streams", "plain batched (tok/s)", "speculative, no cap (tok/s)", "speculative, goodput cap (tok/s)",
-            "cap ratio per repeat", "tokens/step (cap)", "mean cap", "same tokens"]
+    modes = [m for m in meta.get("modes", MODES) if m != "plain"]
+    head = (["streams", "plain batched (tok/s)"] + [MODE_HEADS[m] for m in modes]
+            + ["cap ratio per repeat", "tokens/step (cap)", "mean cap", "audit vetoes", "same tokens"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         cap = r["spec"]["mean_cap"]
-        lines.append("| " + " | ".join([
-            str(r["streams"]), f"{r['plain']['tokens_per_s']:.1f}",
-            f"{r['spec-nocap']['tokens_per_s']:.1f} ({r['spec-nocap']['ratio']:.2f}×)",
-            f"{r['spec']['tokens_per_s']:.1f} (**{r['spec']['ratio']:.2f}×**)",
-            " / ".join(f"{x:.2f}" for x in r["spec"].get("runs_ratio", [r["spec"]["ratio"]])),
-            f"{r['spec']['tokens_per_step']:.2f}", "-" if cap is None else f"{cap:.1f}",
-            "yes" if r["same_tokens"] else "NO"]) + " |")
+        lines.append("| " + " | ".join(
+            [str(r["streams"]), f"{r['plain']['tokens_per_s']:.1f}"]
+            + [f"{r[m]['tokens_per_s']:.1f} (**{r[m]['ratio']:.2f}×**)" if m == "spec"
+               else f"{r[m]['tokens_per_s']:.1f} ({r[m]['ratio']:.2f}×)" for m in modes]
+            + [" / ".join(f"{x:.2f}" for x in r["spec"].get("runs_ratio", [r["spec"]["ratio"]])),
+               f"{r['spec']['tokens_per_step']:.2f}", "-" if cap is None else f"{cap:.1f}",
+               str(r["spec"].get("vetoes", "-")), "yes" if r["same_tokens"] else "NO"]) + " |")
     lines.append("")
     lines.append(f"_`{meta['model']}` ({meta['dtype']}, kernels {meta.get('kernels', '?')}), drafters "
                  f"{', '.join(meta['drafters'])}, greedy, max draft length {meta['draft_length']}, max_new_tokens "

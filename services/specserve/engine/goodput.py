@@ -343,6 +343,7 @@ class PassPlanner:
     def __init__(self, explore_every: int = 16, memory_passes: int = 8, audit: bool = True) -> None:
         self.costs = PassCostModel()
         self.audit = GoodputAudit() if audit else None  # realised goodput: vetoes caps that did not pay
+        self.vetoes = 0  # shared passes whose open cap the audit closed
         self.explore_every = explore_every
         self.shared_passes = 0
         self._let_through = -1  # the depth the next pass lets through (exploration), -1 = none
@@ -384,7 +385,7 @@ class PassPlanner:
             return -1
         cap, self._let_through = max(choice.cap, self._let_through), -1
         if cap > 0 and self.audit is not None and not self.audit.allow_open(len(demands)):
-            cap = 0  # open passes of this size realised less than plain ones
+            cap, self.vetoes = 0, self.vetoes + 1  # open passes of this size realised less than plain ones
         if self.shared_passes % self.explore_every == 0 and cap < max(d.want for d in demands):
             rows = len(demands) * max(d.feed(cap + 1) for d in demands)
             if rows > self.costs.largest_rows():
