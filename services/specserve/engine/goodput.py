@@ -294,7 +294,8 @@ class GoodputAudit:
         if not samples or len(samples) < self.min_samples:
             return None
         rates = [t / s for t, s in samples]
-        return sum(t for t, _ in samples) / sum(s for _, s in samples), statistics.stdev(rates) / len(rates) ** 0.5
+        spread = statistics.stdev(rates) / len(rates) ** 0.5 if len(rates) > 1 else 0.0  # min_samples may be 1
+        return sum(t for t, _ in samples) / sum(s for _, s in samples), spread
 
     def allow_open(self, batch: int) -> bool:
         """Whether a shared pass of `batch` calls may keep the model's open cap (asked only when
