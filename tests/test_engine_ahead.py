@@ -278,10 +278,13 @@ def test_sps_with_enumerate_and_select_keeps_the_verifiers_law(verifier_lm):  # 
     """The tiny random models' laws are flat, so the build is wide (48 units) to hit often; the
     negative control (rows that lie about the unit's law) shows the test can fail."""
     drafter = cousin_of(verifier_lm)
-    p, hits = third_token_p_value(verifier_lm, drafter, EnumerateAndSelect(units=48, max_wait_fraction=1e6, sized=False), 1000)
+    # after a miss the next round goes undrafted ("instant": no model-free drafter here), so its
+    # build enumerates the first token only, and hits often
+    options = dict(units=48, max_wait_fraction=1e6, sized=False, miss_drafters="instant")
+    p, hits = third_token_p_value(verifier_lm, drafter, EnumerateAndSelect(**options), 1000)
     assert hits > 250  # units really drafted those tokens
     assert p > 1e-3, p
-    p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(units=48, max_wait_fraction=1e6, sized=False), 1000)
+    p_broken, _ = third_token_p_value(verifier_lm, drafter, UniformRowsClaimed(**options), 1000)
     assert p_broken < 1e-3, p_broken
 
 
@@ -298,3 +301,111 @@ def test_build_budget_sizes_builds_to_fit_under_verification():
     fast.record(8, 4, build_seconds=0.1, window_seconds=1.0)
     assert fast.plan(4) == (8, 4)
     assert fast.step(4) == fast.step(8) and fast.step(16) == pytest.approx(2 * fast.step(8))
+
+
+class CountingLM(LocalDrafter):
+    """A LocalDrafter that records what it is asked: synchronous drafts and builds."""
+
+    def __init__(self, drafter) -> None:
+        super().__init__(drafter)
+        self.drafts: list[int] = []  # committed length of each synchronous draft
+        self.builds: list[int] = []  # ... and of each build
+
+    async def draft(self, call):
+        self.drafts.append(len(call.committed))
+        return await super().draft(call)
+
+    async def draft_ahead(self, call):
+        self.builds.append(len(call.committed))
+        return await super().draft_ahead(call)
+
+
+LONG_PROMPT = (PROMPT * 3)[:36]  # more than EnumerateAndSelect's max_sync_read (16) tokens
+
+
+def test_the_first_round_reads_the_prompt_in_the_build_not_in_a_synchronous_draft(verifier_lm, twin_lm):  # noqa: F811
+    """Round 0 goes to the verifier drafted by the instant drafters only; the LM reads the prompt
+    in the build that runs during that verification (on separate compute: while the verifier
+    reads it too), so round 1 can already be answered by a unit."""
+    lm = CountingLM(LMDrafter(twin_lm, name="twin"))
+    engine = SpeculativeEngine(LocalVerifier(verifier_lm), [lm, LocalDrafter(PromptLookupDrafter())],
+                               ahead=EnumerateAndSelect(max_wait_fraction=1e6, sized=False), dynamic_length=False)
+    results = list(engine.generate(GenerationRequest(prompt_ids=LONG_PROMPT, max_new_tokens=32, rule="greedy",
+                                                     draft_length=3)))
+    assert [t for r in results for t in r.tokens] == plain(verifier_lm, 32, LONG_PROMPT)
+    assert lm.builds[0] == len(LONG_PROMPT)  # the first build read the prompt ...
+    assert all(n > len(LONG_PROMPT) for n in lm.drafts)  # ... and no synchronous draft did
+    assert results[1].drafted_ahead
+
+
+def test_after_a_miss_the_lm_drafts_synchronously_unless_told_instant(verifier_lm, twin_lm):  # noqa: F811
+    drafters = [LocalDrafter(LMDrafter(twin_lm, name="twin")), LocalDrafter(PromptLookupDrafter())]
+    every, instant = EnumerateAndSelect(), EnumerateAndSelect(miss_drafters="instant")
+    assert every.fallback_drafters(drafters, unseen=3) == drafters  # a few tokens to read: worth the LM's chain
+    assert every.fallback_drafters(drafters, unseen=40) == drafters[1:]  # a prompt: read it in the build
+    assert instant.fallback_drafters(drafters, unseen=3) == drafters[1:]
+    with pytest.raises(ValueError, match="miss_drafters"):
+        EnumerateAndSelect(miss_drafters="sometimes")
+
+
+def test_the_first_rounds_build_is_neither_sized_nor_measured():
+    """Round 0's verification reads the prompt: its window says nothing about a decode round's."""
+    strategy = EnumerateAndSelect()
+    strategy.budget.record(2, 3, 0.4, 1.0)  # a measured decode window: sized builds are 2 wide
+    tree = TokenTree()
+    tree.add_sequence([4, 19])
+
+    def ctx(round_index):
+        from specserve.engine.ahead import AheadContext
+
+        async def draft_all(drafters, call):
+            return []
+        return AheadContext(session_id="s", committed=list(PROMPT), tree=tree, round_index=round_index, seed=0,
+                            sampling=SamplingParams(), rule="greedy", coupling="independent", next_depth=4,
+                            accept_rates=[0.8] * 4, drafters=[builder], draft_all=draft_all)
+
+    builder = FakeBuilder("hit")
+
+    async def start(round_index):
+        build = strategy.start(ctx(round_index))
+        await build.task
+        return build
+    first, later = asyncio.run(start(0)), asyncio.run(start(1))
+    assert (first.sized, first.units, first.tokens) == (False, strategy.units, 4)
+    assert later.sized and later.units < strategy.units
+
+
+def test_a_cancelled_build_stops_at_its_next_step(twin_lm, monkeypatch):  # noqa: F811
+    """Cancelling the awaiting task cannot stop the drafter's thread; its flag ends the build at
+    the next continuation step, so the round's synchronous draft does not queue behind it."""
+    import threading
+
+    from specserve.engine.workers import AheadCall
+    from specserve.models.causal_lm import LMSession
+
+    steps, stepping = [], threading.Event()
+    extend = LMSession.extend_scored
+
+    def slow_extend(self, tree):
+        steps.append(1)
+        stepping.set()
+        # a slow step: long enough that the whole 12-step build would take 6 s
+        threading.Event().wait(0.5)
+        return extend(self, tree)
+
+    monkeypatch.setattr(LMSession, "extend_scored", slow_extend)
+    lm = LocalDrafter(LMDrafter(twin_lm, name="twin"))
+    call = AheadCall(session_id="s", committed=list(PROMPT), chain=[4, 19], fanout=[1, 1, 1], num_tokens=12,
+                     sampling=SamplingParams(), seed=0, stamp="s:13:0")
+
+    async def cancel_mid_build():
+        task = asyncio.ensure_future(lm.draft_ahead(call))
+        await asyncio.get_running_loop().run_in_executor(None, stepping.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(cancel_mid_build())
+    # the lane's next call runs once the build let go of the drafter (bounded wait, not a sleep)
+    assert lm._lock.acquire(timeout=10)
+    lm._lock.release()
+    assert len(steps) <= 2  # the step running at the cancel, at most: not the 12 asked for

@@ -14,8 +14,11 @@ in, and drafts the next round itself (with `fallback_drafters`) when `take` has 
   one batched tree decode (LMDrafter.propose_ahead). The fan-out follows the measured acceptance:
   F_k proportional to P(k* = k)^(1/(1+r)), at least one unit for full acceptance. When the reply
   (k*, bonus) arrives the matching unit is the next draft at once; on a miss (or a stale, late or
-  failed build) the next round drafts with the model-free drafters only, never waiting for the
-  LM drafter and never using a draft made for another context.
+  failed build) the build is stopped and the next round drafts synchronously (`miss_drafters`:
+  every drafter, or the model-free ones only), never with a draft made for another context.
+  The first round overlaps the two prefills: it goes to the verifier drafted by the model-free
+  drafters only, and the build reads the prompt on the drafter's compute while the verifier
+  reads it on its own (a synchronous LM draft would make the verifier wait for that read).
 
 Lossless: a unit is a proposal drawn from the drafter's law given exactly the text the verifier
 committed (its stamp and its (k, bonus) key say which), with its rows, so every acceptance rule
@@ -71,6 +74,7 @@ class AheadBuild:
     chain_nodes: list[int] = field(default_factory=list)  # the enumerated chain's node ids in ctx.tree
     units: int = 0
     tokens: int = 0
+    sized: bool = True  # planned by the build budget (so its time is recorded into it)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -88,7 +92,10 @@ class DraftingAhead(Protocol):
     async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
                    verify_seconds: float) -> AheadOutcome: ...
 
-    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]: ...
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend], unseen: int) -> list[DrafterBackend]:
+        """Who drafts a round that no build answered (a miss, or the first round), synchronously;
+        `unseen`: committed tokens the drafters have not read yet (the whole prompt at first)."""
+        ...
 
 
 def _cancel(task: asyncio.Task) -> None:
@@ -127,7 +134,7 @@ class FullAcceptanceBet:
         trees = [t for t in (subtree_after(x, bonus) for x in await build.task) if t is not None and len(t)]
         return AheadOutcome(trees, "hit" if trees else "miss")
 
-    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend], unseen: int) -> list[DrafterBackend]:
         return list(drafters)
 
 
@@ -224,15 +231,26 @@ class EnumerateAndSelect:
     verification time, before the round goes on without it. Builds are sized to be ready in
     time (BuildBudget): narrower and shallower where the drafter is slow against the verifier
     (`sized=False`: always `units` wide and as deep as asked, e.g. where drafter and verifier share
-    one compute thread and a build can only follow the verification)."""
+    one compute thread and a build can only follow the verification). `miss_drafters`: who drafts
+    a round no build answered: "all" (the LM too, synchronously: it has only this round's few
+    tokens to read, and its chain is worth more than the model-free drafters' alone) or "instant"
+    (the model-free drafters only: the verifier never waits for the LM). Either way a round whose
+    drafters would first read more than `max_sync_read` unseen tokens (the prompt, in the first
+    round) drafts with the instant ones: the build reads that text during the verification."""
 
     name = "enumerate-select"
+    MISS_DRAFTERS = ("all", "instant")
 
-    def __init__(self, units: int = 8, r: float = 1.0, max_wait_fraction: float = 0.25, sized: bool = True) -> None:
+    def __init__(self, units: int = 8, r: float = 1.0, max_wait_fraction: float = 0.25, sized: bool = True,
+                 miss_drafters: str = "all", max_sync_read: int = 16) -> None:
+        if miss_drafters not in self.MISS_DRAFTERS:
+            raise ValueError(f"enumerate-select: miss_drafters must be one of {self.MISS_DRAFTERS}, not {miss_drafters!r}")
         self.units = units
         self.r = r
         self.max_wait_fraction = max_wait_fraction
         self.sized = sized
+        self.miss_drafters = miss_drafters
+        self.max_sync_read = max_sync_read
         self.budget = BuildBudget(units)
 
     @staticmethod
@@ -245,7 +263,10 @@ class EnumerateAndSelect:
             return None
         nodes = _first_chain(ctx.tree)
         chain = [ctx.tree.tokens[n] for n in nodes]
-        units, tokens = self.budget.plan(ctx.next_depth) if self.sized else (self.units, ctx.next_depth)
+        # the first round's verification reads the prompt: a window far longer than a decode step's,
+        # and not the one the budget measures (so it is neither sized by it nor recorded into it)
+        sized = self.sized and ctx.round_index > 0
+        units, tokens = self.budget.plan(ctx.next_depth) if sized else (self.units, ctx.next_depth)
         call = AheadCall(
             session_id=ctx.session_id,
             committed=list(ctx.committed),
@@ -258,9 +279,10 @@ class EnumerateAndSelect:
             rule=ctx.rule,
             # the budget's size is an estimate; the deadline makes a build that runs slow return
             # shallower but in time, instead of late and useless (`take` waits only so long)
-            deadline_s=self.deadline_s(),
+            deadline_s=self.deadline_s() if sized else 0.0,
         )
-        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes, units, tokens)
+        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes, units, tokens,
+                          sized=sized)
 
     def deadline_s(self) -> float:
         """How long a build may continue: the measured verification window and half the grace
@@ -279,8 +301,8 @@ class EnumerateAndSelect:
             await asyncio.wait({build.task}, timeout=self.max_wait_fraction * verify_seconds)
             if not build.task.done():
                 _cancel(build.task)
-                # at least this long: enough for the budget to size the next builds down
-                self.budget.record(build.units, build.tokens, time.perf_counter() - build.started, verify_seconds)
+                if build.sized:  # at least this long: enough for the budget to size the next builds down
+                    self.budget.record(build.units, build.tokens, time.perf_counter() - build.started, verify_seconds)
                 return AheadOutcome([], "late")
         if build.task.cancelled() or build.task.exception() is not None:
             if not build.task.cancelled():
@@ -289,7 +311,8 @@ class EnumerateAndSelect:
         result = build.task.result()
         # as deep as it got (a deadline may have stopped it short of the planned depth)
         built = max((len(unit.tree) for unit in result.units), default=build.tokens)
-        self.budget.record(build.units, built, result.seconds, verify_seconds)
+        if build.sized:
+            self.budget.record(build.units, built, result.seconds, verify_seconds)
         if result.stamp != build.stamp:  # never a draft made for another round's text
             return AheadOutcome([], "stale")
         for unit in result.units:
@@ -297,8 +320,11 @@ class EnumerateAndSelect:
                 return AheadOutcome([unit.tree], "hit")
         return AheadOutcome([], "miss")
 
-    def fallback_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
-        """After a miss: the drafters that answer at once (everything but the LM builder)."""
+    def fallback_drafters(self, drafters: Sequence[DrafterBackend], unseen: int) -> list[DrafterBackend]:
+        """A round no build answered: every drafter where the LM has little to read (class doc),
+        else the drafters that answer at once (everything but the LM builder)."""
+        if self.miss_drafters == "all" and unseen <= self.max_sync_read:
+            return list(drafters)
         builder = self.builder(drafters)
         return [d for d in drafters if d is not builder]
 

@@ -113,13 +113,14 @@ class LocalDrafter:
     async def draft(self, call: DraftCall) -> DraftReply:
         return await run_async(self.draft_sync, call, device=self.device, lane=self.lane)
 
-    def draft_ahead_sync(self, call: AheadCall) -> AheadReply:
+    def draft_ahead_sync(self, call: AheadCall, cancelled: threading.Event | None = None) -> AheadReply:
         started = time.perf_counter()
         generator = generator_for(call.seed, f"ahead:{self.name}")
         extra = {"session_id": call.session_id} if self._session_kw else {}
         with self._lock:
             units = self.drafter.propose_ahead(call.committed, call.chain, call.fanout, call.num_tokens,
-                                               call.sampling, generator, deadline_s=call.deadline_s, **extra)
+                                               call.sampling, generator, deadline_s=call.deadline_s,
+                                               cancelled=cancelled.is_set if cancelled else None, **extra)
         out = []
         for unit in units:
             tree = TokenTree()
@@ -128,7 +129,14 @@ class LocalDrafter:
         return AheadReply(stamp=call.stamp, units=out, drafter=self.name, seconds=time.perf_counter() - started)
 
     async def draft_ahead(self, call: AheadCall) -> AheadReply:
-        return await run_async(self.draft_ahead_sync, call, device=self.device, lane=self.lane)
+        # cancelling the awaiting task does not stop a thread: the flag ends the build at its next
+        # step, so the draft the round needs after a miss does not queue behind a useless build
+        cancelled = threading.Event()
+        try:
+            return await run_async(self.draft_ahead_sync, call, cancelled, device=self.device, lane=self.lane)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
 
 class LocalVerifier:

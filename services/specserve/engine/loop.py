@@ -206,7 +206,12 @@ class DecodeLoop:
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
-        ahead_missed = False  # the last build had nothing for this round
+        # drafting ahead applies to chains (engine/ahead.py); mcsd-ti roots and k-config trees draft in-round
+        if ti or request.tree_config or not drafters:
+            ahead_strategy = None
+        # no build answers this round (a miss; the first round has had no build): the strategy says
+        # who drafts it (e.g. only the instant drafters while the prompt is unread)
+        unanswered = ahead_strategy is not None
         generated = 0
         round_index = 0
         nodes_per_position = 1.0
@@ -250,8 +255,8 @@ class DecodeLoop:
             shadow: TokenTree | None = None  # an unverified draft that the emitted token judges
             draft_seconds = 0.0
             drafted_ahead = depth > 0 and bool(ahead_trees)
-            # after a miss a drafting-ahead strategy says who drafts (e.g. only the instant ones)
-            round_drafters = ahead_strategy.fallback_drafters(drafters) if ahead_missed else drafters
+            round_drafters = (ahead_strategy.fallback_drafters(drafters, len(committed) - seen)
+                              if unanswered else drafters)
             if explore or (policy is not None and policy.free_only):
                 # rows to measure, not drafts to bet on (explore), or the whole set does not pay
                 # this round while the free drafters alone do: the free drafters fill them
@@ -290,7 +295,7 @@ class DecodeLoop:
                 # drafters (engine/goodput.py), if they are what its policy's active tier drafts with
                 if free_drafters and (policy.free_only or len(free_drafters) == len(drafters)):
                     shadow = merge_trees(await self._draft_all(free_drafters, draft_call(1)), max_depth=1)
-            ahead_trees, ahead_missed = [], False
+            ahead_trees, unanswered = [], False
             if ti and roots is not None:
                 root_tree = TokenTree()  # the roots stand even when every drafter failed
                 for root in roots:
@@ -301,7 +306,7 @@ class DecodeLoop:
 
             # drafting ahead (engine/ahead.py): the next round's draft is made during verification
             build = ahead_ctx = None
-            if ahead_strategy is not None and drafters and not ti and not request.tree_config:
+            if ahead_strategy is not None:
                 next_depth = policy.best_length(nodes_per_position) if policy else max_depth
                 ahead_ctx = AheadContext(
                     session_id=session_id, committed=list(committed), tree=tree, round_index=round_index,
@@ -312,6 +317,8 @@ class DecodeLoop:
                     drafters=drafters, draft_all=self._draft_all, min_confidence=self.min_draft_confidence,
                 )
                 build = ahead_strategy.start(ahead_ctx)
+                if build is not None:
+                    seen = len(committed)  # the build reads the text up to here (the prompt, at first)
 
             verify_started = time.perf_counter()
             accept_rates = tuple(policy.acceptance_rates(want)) if policy and want > 0 else ()
@@ -343,7 +350,7 @@ class DecodeLoop:
             if build is not None:
                 outcome = await ahead_strategy.take(build, ahead_ctx, reply, time.perf_counter() - verify_started)
                 ahead_trees, ahead_status = outcome.trees, outcome.status
-                ahead_missed = not ahead_trees
+                unanswered = not ahead_trees
             if ti:
                 if not reply.next_roots:
                     raise RuntimeError("the verifier backend returned no roots: it does not support mcsd-ti")

@@ -12,6 +12,7 @@ Draft and verifier must share a tokenizer: `check_same_tokenizer` refuses clearl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -172,6 +173,7 @@ class LMDrafter:
         generator: torch.Generator | None = None,
         session_id: str = "",
         deadline_s: float = 0.0,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[AheadUnit]:
         """Draft the next round for the likely outcomes of verifying `chain` after `context`
         (engine/ahead.py): for each accept length k = 0..len(chain), the drafter's top
@@ -180,7 +182,9 @@ class LMDrafter:
         over the chain, then one per continuation step over every branch's frontier
         (LMSession.extend_scored). Continuations are drawn from the processed law, rows kept.
         deadline_s > 0: no continuation step starts that would end past it (by the last step's
-        time), so the build returns on time with every branch as deep as it got."""
+        time), so the build returns on time with every branch as deep as it got. `cancelled()`
+        true (the build was cancelled: its round went another way): no further step starts, so the
+        drafter's compute is free for the draft that round needs now."""
         started = time.perf_counter()
         session = self.sessions.get(session_id)
         session.sync(context)
@@ -203,6 +207,8 @@ class LMDrafter:
             step_started = time.perf_counter()
             if deadline_s > 0 and step_started - started + step_seconds > deadline_s:
                 break  # the next step would make the build late: what is built is the draft
+            if cancelled is not None and cancelled():
+                break
             # one forward over every branch's newest node: its law gives the next token
             new_logits = session.extend_scored(tree)
             first_new = len(tree) - len(new_logits)
