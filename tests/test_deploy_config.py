@@ -111,6 +111,17 @@ def test_drafting_ahead_defaults_on_for_gpu_only(overrides, expected):
     assert AppSettings.model_validate(overrides).ahead == expected
 
 
+def test_enumerate_select_settings_reach_the_strategy():
+    from specserve.serve.deployments import _make_loop
+
+    settings = AppSettings.model_validate({"drafting_ahead": "enumerate-select", "ahead_units": 5,
+                                           "ahead_miss_drafters": "instant"})
+    strategy = _make_loop(settings, verifier=None, drafters=[]).ahead
+    assert (strategy.units, strategy.miss_drafters) == (5, "instant")
+    with pytest.raises(ValueError, match="ahead_miss_drafters"):
+        AppSettings.model_validate({"ahead_miss_drafters": "sometimes"})
+
+
 def test_a_local_ray_runs_its_workers_at_nice_0_unless_the_environment_says(monkeypatch):
     from specserve.serve.app import local_system_config
 

@@ -298,7 +298,8 @@ def _make_loop(settings: AppSettings, verifier: Any, drafters: list):
     from ..engine.ahead import make_strategy
     from ..engine.loop import DecodeLoop
 
-    options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait} \
+    options = {"units": settings.ahead_units, "max_wait_fraction": settings.ahead_max_wait,
+               "miss_drafters": settings.ahead_miss_drafters} \
         if settings.ahead == "enumerate-select" else {}
     return DecodeLoop(verifier, drafters, draft_timeout_s=settings.draft_timeout_s,
                       ahead=make_strategy(settings.ahead, **options),

@@ -188,6 +188,9 @@ class AppSettings(_Strict):
     # fraction of that verification's time, before the round drafts without it
     ahead_max_wait: float = Field(0.25, ge=0)
     ahead_units: int = Field(8, ge=1)  # enumerate-select: branches built per round
+    # enumerate-select: who drafts a round no build answered: "all" (the LM too, synchronously)
+    # or "instant" (the n-gram deployment only: the verifier never waits for an LM drafter)
+    ahead_miss_drafters: Literal["all", "instant"] = "all"
     # the router asks LM drafters to end a chain after a token they gave less than this
     # (DraftCall.min_confidence; lengths only, so lossless; 0 = off)
     min_draft_confidence: float = Field(DEFAULT_MIN_DRAFT_CONFIDENCE, ge=0, lt=1)
