@@ -19,7 +19,7 @@ import torch
 from scipy import stats as scipy_stats
 
 from specserve.engine import GenerationRequest, SpeculativeEngine
-from specserve.engine.ahead import EnumerateAndSelect, allocate_fanout, make_strategy
+from specserve.engine.ahead import AheadContext, EnumerateAndSelect, allocate_fanout, make_strategy
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.engine.workers import AheadReply, AheadUnitTree
 from specserve.models.causal_lm import CausalLM
@@ -355,16 +355,15 @@ def test_the_first_rounds_build_is_neither_sized_nor_measured():
     tree = TokenTree()
     tree.add_sequence([4, 19])
 
-    def ctx(round_index):
-        from specserve.engine.ahead import AheadContext
+    builder = FakeBuilder("hit")
 
-        async def draft_all(drafters, call):
-            return []
+    async def draft_all(drafters, call):
+        return []
+
+    def ctx(round_index):
         return AheadContext(session_id="s", committed=list(PROMPT), tree=tree, round_index=round_index, seed=0,
                             sampling=SamplingParams(), rule="greedy", coupling="independent", next_depth=4,
                             accept_rates=[0.8] * 4, drafters=[builder], draft_all=draft_all)
-
-    builder = FakeBuilder("hit")
 
     async def start(round_index):
         build = strategy.start(ctx(round_index))
