@@ -346,6 +346,43 @@ def test_remote_drafter_timeout_cancels_and_raises():
     assert handle.responses[0].cancelled
 
 
+def _ahead_call():
+    from specserve.engine.workers import AheadCall
+    from specserve.sampling.params import SamplingParams
+
+    return AheadCall("s1", [1, 2], chain=[3, 4], fanout=[1, 1, 1], num_tokens=4, sampling=SamplingParams(),
+                     seed=1, stamp="s1:2:0")
+
+
+@pytest.mark.parametrize("method", ["draft", "draft_ahead"])
+def test_cancelled_remote_drafter_call_cancels_the_replicas_request(method):
+    """A round that stops waiting (a build that missed, a consumer that left) cancels the
+    DeploymentResponse: Serve does not cancel a unary call whose awaiting task is cancelled, and
+    the replica would run the useless build on, in front of the next synchronous draft."""
+    from specserve.engine.workers import DraftCall
+    from specserve.sampling.params import SamplingParams
+
+    started = asyncio.Event()
+
+    async def slow(payload):
+        started.set()
+        await asyncio.sleep(5)
+
+    handle = FakeHandle(slow)
+    drafter = RemoteDrafter("small", handle, timeout_s=10.0, can_draft_ahead=True)
+    call = _ahead_call() if method == "draft_ahead" else DraftCall("s1", [1, 2], 3, SamplingParams(), seed=1)
+
+    async def go():
+        task = asyncio.ensure_future(getattr(drafter, method)(call))
+        await asyncio.wait_for(started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert handle.responses[0].cancelled
+
+
 @pytest.mark.parametrize(
     "rule, encoding",
     [("greedy", "ROW_ENCODING_OMIT"), ("tas", "ROW_ENCODING_OMIT"), ("cactus", "ROW_ENCODING_FP16"),

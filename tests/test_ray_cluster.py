@@ -14,6 +14,7 @@ the cluster, the transport and the failure handling are what these tests exercis
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -33,6 +34,8 @@ os.environ.setdefault("RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE", "0")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from specserve.engine.workers import AheadCall  # noqa: E402
+from specserve.sampling.params import SamplingParams  # noqa: E402
 from specserve.serve.app import GRPC_SERVICER_FUNCTION, build_app, run_local  # noqa: E402
 from specserve.serve.autoscaling import running_replicas  # noqa: E402
 from specserve.v1 import generation_pb2 as gen_pb  # noqa: E402
@@ -232,6 +235,62 @@ def test_concurrent_streams_share_the_verifier_and_each_equals_plain_greedy(app,
     assert sorted(results) == [0, 1, 2, 3]
     for tokens in results.values():
         assert tokens == expected(plain_greedy, tokens)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+class SlowBuilder:
+    """A drafter replica whose build never ends unless cancelled; counts both."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+    async def draft_ahead(self, payload: bytes) -> bytes:
+        self.started += 1
+        try:
+            await asyncio.sleep(120)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return b""
+
+    def counts(self) -> tuple[int, int]:
+        return self.started, self.cancelled
+
+
+def test_a_cancelled_build_is_cancelled_on_the_drafter_replica(app):
+    """The router cancels a build that missed; the replica's build must stop (LocalDrafter then
+    stops the forwards at the next step: tests/test_engine_ahead.py), not run on in front of the
+    round's synchronous draft."""
+    from specserve.serve.router import RemoteDrafter
+
+    handle = serve.run(SlowBuilder.bind(), name="slowbuild", route_prefix=None)
+    drafter = RemoteDrafter("small", handle, timeout_s=60.0, grpc_transport=False, affinity=False,
+                            can_draft_ahead=True)
+    call = AheadCall("s1", [1, 2], chain=[3, 4], fanout=[1, 1, 1], num_tokens=4, sampling=SamplingParams(),
+                     seed=1, stamp="s1:2:0")
+
+    async def counts_when(predicate, what: str) -> tuple[int, int]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            counts = await handle.counts.remote()
+            if predicate(counts):
+                return counts
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} (started, cancelled = {counts})")
+
+    async def go() -> tuple[int, int]:
+        build = asyncio.ensure_future(drafter.draft_ahead(call))
+        await counts_when(lambda c: c[0] == 1, "the build to start on the replica")
+        build.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await build
+        return await counts_when(lambda c: c[1] >= 1, "the replica's build to be cancelled")
+
+    try:
+        assert asyncio.run(go()) == (1, 1)
+    finally:
+        serve.delete("slowbuild")
 
 
 def test_drafter_replica_killed_mid_generation_same_output(app, plain_greedy):

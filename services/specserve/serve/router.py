@@ -50,8 +50,10 @@ async def _call(handle: Any, method: str, payload: bytes, session_id: str, timeo
     response = handle.options(**options).remote(payload)
     try:
         return await asyncio.wait_for(_result(response), timeout_s)
-    except asyncio.TimeoutError:
-        response.cancel()  # do not leave the work running on the replica
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        # do not leave the work running on the replica: Serve does not cancel a unary call whose
+        # awaiting task is cancelled (a build that missed would run on, ahead of the next draft)
+        response.cancel()
         raise
 
 
