@@ -85,6 +85,45 @@ def test_each_unit_is_the_draft_of_its_real_context(twin_lm, sampling):  # noqa:
     assert [u.bonus for u in units if u.accepted == 1] == [int(row.argmax())]
 
 
+def test_a_tree_build_drafts_for_every_branchs_ends(twin_lm):  # noqa: F811
+    """A draft with two branches (an LM chain and a suffix match beside it): every end, on either
+    branch, gets units drafted from exactly the text its outcome commits; an end's guesses exclude
+    all its children's tokens."""
+    drafter = LMDrafter(twin_lm, name="twin")
+    tokens, parents = [4, 19, 33, 7, 12], [-1, 0, 1, 0, 3]  # 4 -> 19 -> 33, and 4 -> 7 -> 12
+    fanout = [1, 2, 1, 1, 1, 2]  # ends: root, after 4, after 4 19, after 4 19 33, after 4 7, after 4 7 12
+    units = drafter.propose_ahead(PROMPT, tokens, fanout, 3, SamplingParams(), session_id="t", parents=parents)
+    assert [u.accepted for u in units] == [0, 1, 1, 2, 3, 4, 5, 5]
+    paths = {0: [], 1: [4], 2: [4, 19], 3: [4, 19, 33], 4: [4, 7], 5: [4, 7, 12]}
+    excluded = {0: {4}, 1: {19, 7}, 2: {33}, 3: set(), 4: {12}, 5: set()}
+    for u in units:
+        assert u.bonus not in excluded[u.accepted]
+        context = PROMPT + paths[u.accepted] + [u.bonus]
+        session = twin_lm.new_session()
+        for i, token in enumerate(u.proposal.tokens):
+            session.sync(context + u.proposal.tokens[:i])
+            assert token == int(session.next_logits().argmax())
+    session = twin_lm.new_session()
+    session.sync(PROMPT + [4])
+    row = session.next_logits().clone()
+    row[[19, 7]] = float("-inf")
+    assert [u.bonus for u in units if u.accepted == 1] == torch.topk(row, 2).indices.tolist()
+    with pytest.raises(ValueError, match="parents"):
+        drafter.propose_ahead(PROMPT, tokens, fanout, 3, SamplingParams(), session_id="t", parents=[-1, 2, 1, 0, 3])
+
+
+def test_fanout_over_a_tree_weighs_each_end_by_how_likely_the_path_stops_there():
+    from specserve.engine.ahead import outcome_probabilities
+
+    # a chain: P(k* = k) = prod_{j<=k} a_j (1 - a_{k+1})
+    assert outcome_probabilities([0.6, 0.5], [-1, 0]) == pytest.approx([0.4, 0.3, 0.3])
+    # two branches under the root (the second one's token is right only where the first's is not)
+    probs = outcome_probabilities([0.6, 0.5], [-1, 0, -1])
+    assert probs == pytest.approx([0.4 - 0.24, 0.3, 0.3, 0.24]) and sum(probs) == pytest.approx(1.0)
+    fanout = allocate_fanout([0.6, 0.5], 3, 9, r=0.0, parents=[-1, 0, -1])
+    assert sum(fanout) == 9 and fanout[2] >= 1 and all(f >= 1 for f in fanout)  # the primary's full acceptance kept
+
+
 def test_a_build_past_its_deadline_returns_every_unit_as_deep_as_it_got(twin_lm, monkeypatch):  # noqa: F811
     """A continuation step that would end past the deadline (by the last step's time) is not
     started: the units come back shallower, each a prefix of what the full build drafts."""
@@ -151,12 +190,20 @@ def test_units_are_what_the_verifier_sees_after_a_hit(verifier_lm, twin_lm):  # 
                                                      draft_length=3)))
     hits = [i for i, r in enumerate(results) if r.drafted_ahead]
     assert hits
-    for i in hits:  # the twin's greedy chain from exactly the committed text
+    companion_nodes = 0
+    for i in hits:
         committed, tree = verifier.calls[i]
+        by = {node: {p.drafter for p in tree.proposals.get(tree.parents[node], []) if p.child == node}
+              for node in range(len(tree))}
         session = twin_lm.new_session()
-        for node in range(len(tree)):
+        for node in (n for n in range(len(tree)) if "twin" in by[n]):  # the twin's greedy chain from exactly the committed text
             session.sync(committed + [tree.tokens[n] for n in tree.path_to(node)[:-1]])
             assert tree.tokens[node] == int(session.next_logits().argmax())
+        # beside the unit, prompt lookup's draft from the same text (the companion drafter)
+        lookup = PromptLookupDrafter().propose(committed, 3, SamplingParams()).tokens
+        assert [tree.tokens[n] for n in range(len(tree)) if "prompt-lookup" in by[n]] == lookup
+        companion_nodes += len(lookup)
+    assert companion_nodes > 0  # the text repeats: prompt lookup found something in some hit round
 
 
 class FakeBuilder:
@@ -372,6 +419,36 @@ def test_the_first_rounds_build_is_neither_sized_nor_measured():
     first, later = asyncio.run(start(0)), asyncio.run(start(1))
     assert (first.sized, first.units, first.tokens) == (False, strategy.units, 4)
     assert later.sized and later.units < strategy.units
+
+
+def test_a_path_along_the_second_branch_selects_its_unit():
+    """The verifier accepts the suffix branch, not the LM's chain: the unit for that end is the
+    next draft (before, only the first chain was enumerated and this was a miss)."""
+    from specserve.engine.workers import VerifyReply
+
+    tree = TokenTree()
+    tree.add_sequence([4, 19], drafter="lm")
+    tree.add_sequence([7, 12, 30], drafter="suffix")  # a second branch under the root
+    builder = FakeBuilder("hit")  # a unit for every (end, bonus), marked with VOCAB - 1 tokens
+
+    async def draft_all(drafters, call):
+        return []
+
+    ctx = AheadContext(session_id="s", committed=list(PROMPT), tree=tree, round_index=1, seed=0,
+                       sampling=SamplingParams(), rule="greedy", coupling="independent", next_depth=3,
+                       accept_rates=[0.8] * 4, drafters=[builder], draft_all=draft_all)
+    strategy = EnumerateAndSelect(sized=False)
+
+    async def verify(reply):
+        build = strategy.start(ctx)
+        assert build.ends[(7, 12)] == 4  # node 3 (12) ends the path: end 1 + 3
+        await build.task
+        return await strategy.take(build, ctx, reply, 0.1)
+
+    along_suffix = asyncio.run(verify(VerifyReply(tokens=[7, 12, 5], path=[2, 3])))
+    assert along_suffix.status == "hit" and along_suffix.trees[0].tokens == [VOCAB - 1] * 3
+    # a path the draft does not hold (a corrupt reply) is a miss, never some other end's unit
+    assert asyncio.run(verify(VerifyReply(tokens=[7, 19, 5], path=[2, 1]))).status == "miss"
 
 
 def test_a_cancelled_build_stops_at_its_next_step(twin_lm, monkeypatch):  # noqa: F811

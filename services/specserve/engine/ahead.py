@@ -9,19 +9,23 @@ in, and drafts the next round itself (with `fallback_drafters`) when `take` has 
   whole chain, one token deeper, betting that everything is accepted; the draft is kept only if
   it was and the drafter's first token is the verifier's bonus token. Hit rate ~alpha^(k+1).
 * EnumerateAndSelect (SSD/Saguaro, SGLang's decoupled drafting): one LM drafter builds the next
-  round for the LIKELY OUTCOMES of this verification: for each accept length k = 0..K its top-F_k
-  guesses of the bonus token (never chain[k], which would have been accepted), each continued as
-  one batched tree decode (LMDrafter.propose_ahead). The fan-out follows the measured acceptance:
-  F_k proportional to P(k* = k)^(1/(1+r)), at least one unit for full acceptance. When the reply
-  (k*, bonus) arrives the matching unit is the next draft at once; on a miss (or a stale, late or
-  failed build) the build is stopped and the next round drafts synchronously (`miss_drafters`:
-  every drafter, or the model-free ones only), never with a draft made for another context.
-  The first round overlaps the two prefills: it goes to the verifier drafted by the model-free
-  drafters only, and the build reads the prompt on the drafter's compute while the verifier
-  reads it on its own (a synchronous LM draft would make the verifier wait for that read).
+  round for the LIKELY OUTCOMES of this verification: for each end e of the draft being verified
+  (where the accepted path may stop: before the first token, or at any node of any branch; for a
+  chain, each accept length k = 0..K) its top-F_e guesses of the bonus token (never a child's
+  token, which would have been accepted), each continued as one batched tree decode
+  (LMDrafter.propose_ahead). The fan-out follows the measured acceptance: F_e proportional to
+  P(the path ends at e)^(1/(1+r)), at least one unit for full acceptance of the primary branch.
+  When the reply (accepted path, bonus) arrives the matching unit is the next draft at once, and
+  the model-free drafters draft beside it from the real text (`companion_drafters`: a suffix
+  match is free and often long); on a miss (or a stale, late or failed build) the build is
+  stopped and the next round drafts synchronously (`miss_drafters`: every drafter, or the
+  model-free ones only), never with a draft made for another context. The first round overlaps
+  the two prefills: it goes to the verifier drafted by the model-free drafters only, and the
+  build reads the prompt on the drafter's compute while the verifier reads it on its own (a
+  synchronous LM draft would make the verifier wait for that read).
 
 Lossless: a unit is a proposal drawn from the drafter's law given exactly the text the verifier
-committed (its stamp and its (k, bonus) key say which), with its rows, so every acceptance rule
+committed (its stamp and its (end, bonus) key say which), with its rows, so every acceptance rule
 treats it as any other draft. Only the timing changes, never the output law.
 """
 
@@ -71,7 +75,9 @@ class AheadContext:
 class AheadBuild:
     task: asyncio.Task
     stamp: str
-    chain_nodes: list[int] = field(default_factory=list)  # the enumerated chain's node ids in ctx.tree
+    # the enumerated draft's ends by their accepted tokens: () -> 0 (nothing accepted), the path
+    # to node i -> 1 + i (keyed by tokens, not node ids: a depth cap may renumber the tree)
+    ends: dict[tuple[int, ...], int] = field(default_factory=dict)
     units: int = 0
     tokens: int = 0
     sized: bool = True  # planned by the build budget (so its time is recorded into it)
@@ -95,6 +101,11 @@ class DraftingAhead(Protocol):
     def fallback_drafters(self, drafters: Sequence[DrafterBackend], unseen: int) -> list[DrafterBackend]:
         """Who drafts a round that no build answered (a miss, or the first round), synchronously;
         `unseen`: committed tokens the drafters have not read yet (the whole prompt at first)."""
+        ...
+
+    def companion_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+        """Who drafts beside a build's draft in the round it answered, from the real text (the
+        drafters that answer at once; none where the build drafted with all of them)."""
         ...
 
 
@@ -137,27 +148,58 @@ class FullAcceptanceBet:
     def fallback_drafters(self, drafters: Sequence[DrafterBackend], unseen: int) -> list[DrafterBackend]:
         return list(drafters)
 
+    def companion_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+        return []  # every drafter drafted the bet
 
-def allocate_fanout(accept_rates: Sequence[float], chain_length: int, units: int, r: float = 1.0) -> list[int]:
-    """Units per accept length k = 0..chain_length: proportional to P(k* = k)^(1/(1+r)) (largest
-    remainders), where P(k* = k) = prod_{j<=k} a_j (1 - a_{k+1}) and P(k* = K) = prod a_j; full
-    acceptance always gets at least one unit (its bonus is the drafter's own next token)."""
+
+def outcome_probabilities(accept_rates: Sequence[float], parents: Sequence[int]) -> list[float]:
+    """P(the verifier's accepted path ends at e) for every end e of a draft tree: e = 0 nothing
+    accepted, e = 1 + i the path ends at node i (`parents[i]`: node i's parent, -1 the root; nodes
+    in topological order). A node at depth d is reached with its parent's probability times a_d,
+    times (1 - a_d) per earlier sibling (the first child is the primary drafter's; a later one is
+    right only where the ones before it were not). For a chain: P(k* = k) = prod_{j<=k} a_j (1 - a_{k+1})."""
+    def rate(depth: int) -> float:
+        if depth - 1 < len(accept_rates):
+            return accept_rates[depth - 1]
+        return accept_rates[-1] if accept_rates else 0.5
+
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]  # by end index
+    depth, reach = [0] * len(parents), [0.0] * len(parents)
+    for node, parent in enumerate(parents):
+        siblings = children[parent + 1]
+        depth[node] = 1 if parent < 0 else depth[parent] + 1
+        a = rate(depth[node])
+        reach[node] = (1.0 if parent < 0 else reach[parent]) * a * (1 - a) ** len(siblings)
+        siblings.append(node)
+    return [max((1.0 if e == 0 else reach[e - 1]) - sum(reach[c] for c in children[e]), 0.0)
+            for e in range(len(parents) + 1)]
+
+
+def chain_parents(length: int) -> list[int]:
+    return list(range(-1, length - 1))
+
+
+def allocate_fanout(accept_rates: Sequence[float], chain_length: int, units: int, r: float = 1.0,
+                    parents: Sequence[int] | None = None) -> list[int]:
+    """Units per end e of the draft being verified (outcome_probabilities; for a chain, per accept
+    length k = 0..chain_length): proportional to P(e)^(1/(1+r)) (largest remainders); the full
+    acceptance of the primary branch (first children from the root: the chain's end) always gets
+    at least one unit (its bonus is the drafter's own next token). `parents`: the tree's shape
+    (default: a chain of `chain_length`)."""
+    parents = chain_parents(chain_length) if parents is None else list(parents)
     if units <= 0:
-        return [0] * (chain_length + 1)
-    rates = [accept_rates[j] if j < len(accept_rates) else (accept_rates[-1] if accept_rates else 0.5)
-             for j in range(chain_length)]
-    probs, survive = [], 1.0
-    for k in range(chain_length + 1):
-        probs.append(survive * (1 - rates[k]) if k < chain_length else survive)
-        if k < chain_length:
-            survive *= rates[k]
+        return [0] * (len(parents) + 1)
+    probs = outcome_probabilities(accept_rates, parents)
     weights = [max(p, 1e-6) ** (1 / (1 + r)) for p in probs]
-    budget = units - 1  # one is reserved for full acceptance
+    budget = units - 1  # one is reserved for full acceptance of the primary branch
     shares = [budget * w / sum(weights) for w in weights]
     fanout = [math.floor(s) for s in shares]
-    for k in sorted(range(len(shares)), key=lambda k: shares[k] - fanout[k], reverse=True)[: budget - sum(fanout)]:
-        fanout[k] += 1
-    fanout[-1] += 1
+    for e in sorted(range(len(shares)), key=lambda e: shares[e] - fanout[e], reverse=True)[: budget - sum(fanout)]:
+        fanout[e] += 1
+    primary = 0  # end index of the primary branch's leaf
+    while (first := next((i for i, p in enumerate(parents) if p == primary - 1), None)) is not None:
+        primary = first + 1
+    fanout[primary] += 1
     return fanout
 
 
@@ -212,15 +254,14 @@ class BuildBudget:
         return best
 
 
-def _first_chain(tree: TokenTree) -> list[int]:
-    """Node ids of the tree's first branch, root to leaf (the whole tree when it is a chain)."""
-    nodes, parent = [], ROOT
-    while True:
-        children = tree.children(parent)
-        if not children:
-            return nodes
-        parent = children[0]
-        nodes.append(parent)
+def draft_ends(tree: TokenTree) -> tuple[list[int], list[int], dict[tuple[int, ...], int]]:
+    """The draft as an AheadCall sends it (tokens, parents by index, -1 the root; ctx.tree's
+    node order is topological) and its ends keyed by the tokens accepted to reach them."""
+    tokens, parents = list(tree.tokens), [p if p != ROOT else -1 for p in tree.parents]
+    ends = {(): 0}
+    for node in range(len(tree)):
+        ends[tuple(tree.tokens[n] for n in tree.path_to(node))] = node + 1
+    return tokens, parents, ends
 
 
 class EnumerateAndSelect:
@@ -261,8 +302,7 @@ class EnumerateAndSelect:
         builder = self.builder(ctx.drafters)
         if builder is None or ctx.next_depth <= 0:
             return None
-        nodes = _first_chain(ctx.tree)
-        chain = [ctx.tree.tokens[n] for n in nodes]
+        chain, parents, ends = draft_ends(ctx.tree)  # every branch: any of them may be accepted
         # the first round's verification reads the prompt: a window far longer than a decode step's,
         # and not the one the budget measures (so it is neither sized by it nor recorded into it)
         sized = self.sized and ctx.round_index > 0
@@ -271,7 +311,8 @@ class EnumerateAndSelect:
             session_id=ctx.session_id,
             committed=list(ctx.committed),
             chain=chain,
-            fanout=allocate_fanout(ctx.accept_rates, len(chain), units, self.r),
+            parents=[] if ctx.tree.is_chain() else parents,
+            fanout=allocate_fanout(ctx.accept_rates, len(chain), units, self.r, parents),
             num_tokens=tokens,
             sampling=ctx.sampling,
             seed=ctx.seed,
@@ -281,7 +322,7 @@ class EnumerateAndSelect:
             # shallower but in time, instead of late and useless (`take` waits only so long)
             deadline_s=self.deadline_s() if sized else 0.0,
         )
-        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, nodes, units, tokens,
+        return AheadBuild(asyncio.ensure_future(builder.draft_ahead(call)), ctx.stamp, ends, units, tokens,
                           sized=sized)
 
     def deadline_s(self) -> float:
@@ -292,9 +333,9 @@ class EnumerateAndSelect:
 
     async def take(self, build: AheadBuild, ctx: AheadContext, reply: VerifyReply,
                    verify_seconds: float) -> AheadOutcome:
-        accepted = len(reply.path)
-        if reply.path != build.chain_nodes[:accepted] or len(reply.tokens) != accepted + 1:
-            _cancel(build.task)  # accepted another branch than the enumerated chain
+        end = build.ends.get(tuple(reply.tokens[:-1])) if reply.tokens else None
+        if end is None or len(reply.tokens) != len(reply.path) + 1:
+            _cancel(build.task)  # an outcome the build did not enumerate
             return AheadOutcome([], "miss")
         bonus = reply.tokens[-1]
         if not build.task.done():  # a little late is still worth it; much later is not
@@ -316,7 +357,7 @@ class EnumerateAndSelect:
         if result.stamp != build.stamp:  # never a draft made for another round's text
             return AheadOutcome([], "stale")
         for unit in result.units:
-            if unit.accepted == accepted and unit.bonus == bonus and len(unit.tree):
+            if unit.accepted == end and unit.bonus == bonus and len(unit.tree):
                 return AheadOutcome([unit.tree], "hit")
         return AheadOutcome([], "miss")
 
@@ -325,6 +366,10 @@ class EnumerateAndSelect:
         else the drafters that answer at once (everything but the LM builder)."""
         if self.miss_drafters == "all" and unseen <= self.max_sync_read:
             return list(drafters)
+        return self.companion_drafters(drafters)
+
+    def companion_drafters(self, drafters: Sequence[DrafterBackend]) -> list[DrafterBackend]:
+        """The drafters that answer at once: everything but the LM builder."""
         builder = self.builder(drafters)
         return [d for d in drafters if d is not builder]
 

@@ -120,6 +120,7 @@ class LocalDrafter:
         with self._lock:
             units = self.drafter.propose_ahead(call.committed, call.chain, call.fanout, call.num_tokens,
                                                call.sampling, generator, deadline_s=call.deadline_s,
+                                               parents=call.parents or None,
                                                cancelled=cancelled.is_set if cancelled else None, **extra)
         out = []
         for unit in units:

@@ -283,6 +283,12 @@ class DecodeLoop:
             if drafted_ahead:  # drafted during the last verification; cut to `depth` below
                 trees = ahead_trees
                 seen = len(committed)  # the build read the text up to here
+                # the drafters that answer at once draft beside it from the real text: a suffix
+                # match costs ~nothing and, where the text repeats, runs far past the LM's chain
+                companions = ahead_strategy.companion_drafters(round_drafters)
+                if companions:
+                    trees = [*ahead_trees, *await self._draft_all(companions, draft_call(depth, widen))]
+                    draft_seconds = time.perf_counter() - started
             elif depth > 0 and round_drafters:
                 trees, computed = await self._draft_timed(round_drafters, draft_call(depth, widen))
                 draft_seconds = time.perf_counter() - started

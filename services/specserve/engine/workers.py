@@ -50,8 +50,8 @@ class AheadCall:
 
     session_id: str
     committed: list[int]  # the text before the round being verified
-    chain: list[int]  # the chain being verified
-    fanout: list[int]  # bonus-token guesses per accept length k = 0..len(chain)
+    chain: list[int]  # the draft being verified: its nodes' tokens, topological order
+    fanout: list[int]  # bonus-token guesses per end e = 0..len(chain) (for a chain: accept length k)
     num_tokens: int  # each guess continued this many tokens
     sampling: SamplingParams
     seed: int
@@ -60,11 +60,14 @@ class AheadCall:
     # stop continuing once another step would end past this many seconds of the build, and return
     # the units as deep as they got (0 = none): a build that would be late is still on time, shallower
     deadline_s: float = 0.0
+    # node i's parent in `chain` (-1: the root); empty = a chain. An end e is where the accepted
+    # path stops: 0 = nothing accepted, 1 + i = at node i (so for a chain, e = k)
+    parents: list[int] = field(default_factory=list)
 
 
 @dataclass
 class AheadUnitTree:
-    accepted: int  # k: the verifier accepts chain[:k] ...
+    accepted: int  # e: the verifier's accepted path ends there (AheadCall.parents) ...
     bonus: int  # ... and its correction/bonus token is this
     tree: TokenTree  # the next round's draft after that
 

@@ -45,7 +45,8 @@ class DraftProposal:
 @dataclass
 class AheadUnit:
     """One outcome of a verification, drafted for before it is known (enumerate-and-select): if
-    the verifier accepts the first `accepted` chain tokens and its correction/bonus token is
+    the verifier's accepted path ends at `accepted` (an end of the draft: 0 = nothing accepted,
+    1 + i = at node i; for a chain, the first `accepted` tokens) and its correction/bonus token is
     `bonus`, `proposal` is the next round's draft, drawn from the right context."""
 
     accepted: int

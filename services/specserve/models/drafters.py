@@ -12,7 +12,7 @@ Draft and verifier must share a tokenizer: `check_same_tokenizer` refuses clearl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -174,12 +174,15 @@ class LMDrafter:
         session_id: str = "",
         deadline_s: float = 0.0,
         cancelled: Callable[[], bool] | None = None,
+        parents: Sequence[int] | None = None,
     ) -> list[AheadUnit]:
         """Draft the next round for the likely outcomes of verifying `chain` after `context`
-        (engine/ahead.py): for each accept length k = 0..len(chain), the drafter's top
-        `fanout[k]` guesses of the bonus token (excluding chain[k], which would have been
-        accepted), each continued `num_tokens` tokens. All branches decode together: one forward
-        over the chain, then one per continuation step over every branch's frontier
+        (engine/ahead.py): for each end e of the draft (0 = nothing accepted, 1 + i = the
+        accepted path ends at node i; `parents[i]` is node i's parent, -1 the root, default a
+        chain, where e is the accept length k), the drafter's top `fanout[e]` guesses of the bonus
+        token (excluding the tokens of e's children, which would have been accepted), each
+        continued `num_tokens` tokens. All branches decode together: one forward over the draft
+        tree, then one per continuation step over every branch's frontier
         (LMSession.extend_scored). Continuations are drawn from the processed law, rows kept.
         deadline_s > 0: no continuation step starts that would end past it (by the last step's
         time), so the build returns on time with every branch as deep as it got. `cancelled()`
@@ -188,18 +191,23 @@ class LMDrafter:
         started = time.perf_counter()
         session = self.sessions.get(session_id)
         session.sync(context)
+        parents = list(range(-1, len(chain) - 1)) if parents is None else list(parents)
+        if len(parents) != len(chain) or any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise ValueError(f"propose_ahead: parents must name an earlier node (or -1) for each of the {len(chain)} nodes")
         tree = TokenTree()
-        tree.add_sequence(chain)
-        logits = session.score_tree(tree)  # row k: the law after context + chain[:k]
-        units: list[tuple[int, int, int]] = []  # (k, bonus, frontier node)
-        for k, width in enumerate(fanout[: len(chain) + 1]):
+        children: list[list[int]] = [[] for _ in range(len(chain) + 1)]  # child tokens, by end
+        for token, parent in zip(chain, parents):
+            tree.add_node(parent if parent >= 0 else ROOT, token)
+            children[parent + 1].append(token)
+        logits = session.score_tree(tree)  # row e: the law after context + the path to end e
+        units: list[tuple[int, int, int]] = []  # (e, bonus, frontier node)
+        for e, width in enumerate(fanout[: len(chain) + 1]):
             if width <= 0:
                 continue
-            row = logits[k].clone()
-            if k < len(chain):
-                row[chain[k]] = float("-inf")  # that token would have been accepted
-            for guess in torch.topk(row, min(width, row.shape[-1] - 1)).indices.tolist():
-                units.append((k, guess, tree.add_node(k - 1 if k > 0 else ROOT, guess)))
+            row = logits[e].clone()
+            row[children[e]] = float("-inf")  # those tokens would have been accepted
+            for guess in torch.topk(row, min(width, row.shape[-1] - len(children[e]))).indices.tolist():
+                units.append((e, guess, tree.add_node(e - 1 if e > 0 else ROOT, guess)))
         tokens: list[list[int]] = [[] for _ in units]
         rows: list[list[torch.Tensor]] = [[] for _ in units]
         step_seconds = 0.0

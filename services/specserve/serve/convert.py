@@ -204,6 +204,7 @@ def ahead_call_to_proto(call: AheadCall, row_encoding: int = int_pb.ROW_ENCODING
         stamp=call.stamp,
         row_encoding=row_encoding,
         deadline_s=call.deadline_s,
+        parents=call.parents,
     )
 
 
@@ -218,6 +219,7 @@ def ahead_call_from_proto(msg: int_pb.AheadCall) -> AheadCall:
         seed=msg.seed,
         stamp=msg.stamp,
         deadline_s=msg.deadline_s,
+        parents=list(msg.parents),
     )
 
 

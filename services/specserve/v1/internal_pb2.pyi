@@ -133,7 +133,7 @@ class DraftCall(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., tree_config: _Optional[_Iterable[int]] = ..., coupling: _Optional[_Union[Coupling, str]] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., roots: _Optional[_Iterable[int]] = ..., has_roots: _Optional[bool] = ..., verify_window_s: _Optional[float] = ..., min_confidence: _Optional[float] = ..., alternatives: _Optional[int] = ...) -> None: ...
 
 class AheadCall(_message.Message):
-    __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding", "deadline_s")
+    __slots__ = ("session_id", "committed", "chain", "fanout", "num_tokens", "sampling", "seed", "stamp", "row_encoding", "deadline_s", "parents")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class AheadCall(_message.Message):
     STAMP_FIELD_NUMBER: _ClassVar[int]
     ROW_ENCODING_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     chain: _containers.RepeatedScalarFieldContainer[int]
@@ -154,7 +155,8 @@ class AheadCall(_message.Message):
     stamp: str
     row_encoding: RowEncoding
     deadline_s: float
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., chain: _Optional[_Iterable[int]] = ..., fanout: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., stamp: _Optional[str] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., chain: _Optional[_Iterable[int]] = ..., fanout: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., stamp: _Optional[str] = ..., row_encoding: _Optional[_Union[RowEncoding, str]] = ..., deadline_s: _Optional[float] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AheadUnit(_message.Message):
     __slots__ = ("accepted", "bonus", "tree")
