@@ -24,7 +24,7 @@ import pytest
 from specserve.cascade.draft_length import DraftLengthPolicy
 from specserve.engine import GenerationRequest
 from specserve.engine.goodput import (CallDemand, CatchUpCost, GoodputAudit, PassCostModel, PassPlanner,
-                                      choose_depth_cap)
+                                      choose_depth_cap, rounds_left)
 from specserve.engine.local import LocalDrafter, LocalVerifier
 from specserve.engine.loop import DecodeLoop
 from specserve.engine.workers import DraftCall, DraftReply
@@ -476,6 +476,39 @@ def test_a_re_read_is_spread_over_the_rounds_it_buys_so_a_stream_that_sat_out_ca
     assert choose_depth_cap(calls(cost.seconds_for(300)), model).cap == 0  # the whole re-read in one pass
     assert choose_depth_cap(calls(cost.per_round(300, 100, rates)), model).cap >= 1  # its share: drafting pays
     assert choose_depth_cap(calls(cost.per_round(300, 1, rates)), model).cap == 0  # too late to pay back
+
+
+def test_a_re_read_is_charged_over_the_open_rounds_it_buys_at_that_batch_size():
+    """Spread over all the rounds a request has left, a re-read looked cheap; at 8 streams on the
+    Qwen pair caps closed again after a pass or two and each re-read bought one round. Once open
+    runs at a batch size have been seen, the planner spreads a catch-up over their length."""
+    cost = CatchUpCost(min_tokens=16)
+    cost.record(1.2, 300)
+    rates = (0.8, 0.8)
+    share, spread = cost.per_round(300, 100, rates), rounds_left(100, rates)
+    demand = CallDemand(want=2, rates=rates, draft_seconds=0.02, catch_up_seconds=share, catch_up_rounds=spread)
+    assert demand.catch_up_share(None) == share  # nothing seen: the call's own spread
+    assert demand.catch_up_share(1.0) == pytest.approx(1.2)  # open for one round: the whole re-read
+    assert demand.catch_up_share(1e6) == pytest.approx(share)  # never more rounds than the request has
+    assert CallDemand(want=2, catch_up_seconds=0.3).catch_up_share(1.0) == 0.3  # not spread by its call
+
+    def planner_with_runs(run_length: int | None) -> PassPlanner:
+        planner = PassPlanner(explore_every=10 ** 6, audit=False)
+        planner.costs = fitted(CURVES["cpu-avx2"])
+        if run_length is not None:  # shared passes of 2 warm calls (open), then one capped at 0
+            warm = [CallDemand(want=2, rates=rates, draft_seconds=0.02)] * 2
+            shut = [CallDemand(want=2, rates=(0.05, 0.05), draft_seconds=0.02)] * 2
+            for _ in range(3):
+                for _ in range(run_length):
+                    assert planner.depth_cap(warm) >= 1
+                assert planner.depth_cap(shut) == 0
+            assert planner.open_rounds(2) == run_length and planner.open_rounds(4) is None
+        return planner
+
+    cold = [demand] * 2
+    assert planner_with_runs(None).depth_cap(cold) >= 1  # as before: its share over 57 rounds pays
+    assert planner_with_runs(40).depth_cap(cold) >= 1  # long open runs: the re-read pays back
+    assert planner_with_runs(1).depth_cap(cold) == 0  # runs of one pass: it would buy one round
 
 
 def test_the_loop_times_lm_drafting_by_what_the_drafters_computed_not_by_its_wait():

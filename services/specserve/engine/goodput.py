@@ -176,7 +176,12 @@ class CatchUpCost:
         seconds = self.seconds_for(unseen)
         if seconds <= 0.0:
             return 0.0
-        return seconds / max(1.0, tokens_left / tokens_per_round(rates))
+        return seconds / rounds_left(tokens_left, rates)
+
+
+def rounds_left(tokens_left: int, rates: Sequence[float]) -> float:
+    """The drafting rounds a request has left at the acceptance `rates` of its drafts (>= 1)."""
+    return max(1.0, tokens_left / tokens_per_round(rates))
 
 
 @dataclass
@@ -191,8 +196,18 @@ class CallDemand:
     # true where drafters share the verifier's device and conservative where they do not
     draft_seconds: float = 0.0
     # if it drafts at all: its LM drafters re-reading what they have not seen, this pass's share
-    # of it (CatchUpCost.per_round)
+    # of it (CatchUpCost.per_round), spread over `catch_up_rounds` (the rounds the request has left;
+    # 0 = not spread). The planner re-spreads it over the rounds that stay open (PassPlanner)
     catch_up_seconds: float = 0.0
+    catch_up_rounds: float = 0.0
+
+    def catch_up_share(self, open_rounds: float | None) -> float:
+        """This pass's share of the catch-up if drafting stays open for `open_rounds` rounds after
+        it (None = unknown: as the call spread it, over all the rounds it has left). A re-read
+        buys drafting only until the LM falls behind again, at the next closed pass."""
+        if open_rounds is None or self.catch_up_rounds <= 0:
+            return self.catch_up_seconds
+        return self.catch_up_seconds * self.catch_up_rounds / max(1.0, min(self.catch_up_rounds, open_rounds))
 
     def expected_tokens(self, k: int) -> float:
         fill = self.rates[-1] if self.rates else UNKNOWN_RATE  # past the estimates it sent
@@ -226,10 +241,12 @@ class CapChoice:
 MIN_GAIN = 0.10
 
 
-def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin: float = MIN_GAIN) -> CapChoice | None:
+def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin: float = MIN_GAIN,
+                     open_rounds: float | None = None) -> CapChoice | None:
     """The goodput-maximising depth cap of a pass shared by `demands`; None when the cost model has
     no data yet (the calls are then verified as drafted). A cap K > 0 must beat plain decoding of
-    the batch by `margin` (MIN_GAIN): noise in the cost model must not buy rows that do not pay."""
+    the batch by `margin` (MIN_GAIN): noise in the cost model must not buy rows that do not pay.
+    `open_rounds`: how long drafting has stayed open at this batch size (CallDemand.catch_up_share)."""
     if not demands:
         return None
     batch = len(demands)
@@ -239,7 +256,7 @@ def choose_depth_cap(demands: Sequence[CallDemand], cost: PassCostModel, margin:
         seconds = cost.seconds(int(round(rows)))
         if seconds is None:
             return None
-        seconds += sum(min(k, d.want) * d.draft_seconds + (d.catch_up_seconds if min(k, d.want) > 0 else 0.0)
+        seconds += sum(min(k, d.want) * d.draft_seconds + (d.catch_up_share(open_rounds) if min(k, d.want) > 0 else 0.0)
                        for d in demands)
         values.append(sum(d.expected_tokens(k) for d in demands) / seconds)
     best = 0
@@ -339,9 +356,18 @@ class PassPlanner:
     the last cap they were told, so a batch held at cap K never shows what K + 1 costs. Every
     `explore_every`-th shared pass whose K + 1 would reach rows no pass has measured, the pass
     answers K + 1 (its calls draft one deeper) and the next pass lets that depth through once,
-    which measures it."""
+    which measures it.
 
-    def __init__(self, explore_every: int = 16, memory_passes: int = 8, audit: bool = True) -> None:
+    Open runs: a call's pending catch-up (its LM re-reading what it skipped) buys drafting until
+    the next pass that closes, when the LM falls behind again. The planner measures, per batch
+    size, how many consecutive shared passes stayed open (the last `run_window` runs) and charges a
+    catch-up over that many rounds, not over all the rounds the request has left: at 8 streams on
+    the Qwen pair caps closed again after a pass or two, and each such re-read (220-370 ms while
+    the other streams waited) bought one round. Before any run at a batch size has ended, the
+    call's own spread stands."""
+
+    def __init__(self, explore_every: int = 16, memory_passes: int = 8, audit: bool = True,
+                 run_window: int = 8) -> None:
         self.costs = PassCostModel()
         self.audit = GoodputAudit() if audit else None  # realised goodput: vetoes caps that did not pay
         self.vetoes = 0  # shared passes whose open cap the audit closed
@@ -354,6 +380,9 @@ class PassPlanner:
         self._recent: deque = deque(maxlen=memory_passes)
         self.last_cap = -1
         self.explored = False  # the last shared cap was raised for exploration
+        self._open_runs: dict[int, deque] = {}  # batch size -> lengths of its last ended open runs
+        self._open_run: dict[int, int] = {}  # batch size -> length of the open run in progress
+        self.run_window = run_window
 
     def saw(self, session_ids: Sequence[str]) -> None:
         """A pass ran with these sessions."""
@@ -381,7 +410,8 @@ class PassPlanner:
         """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
         self.shared_passes += 1
         self.explored = False
-        choice = choose_depth_cap(demands, self.costs)
+        batch = len(demands)
+        choice = choose_depth_cap(demands, self.costs, open_rounds=self.open_rounds(batch))
         if choice is None:
             return -1
         cap, self._let_through = max(choice.cap, self._let_through), -1
@@ -393,4 +423,18 @@ class PassPlanner:
                 cap = self._let_through = cap + 1
                 self.explored = True
         self.last_cap = cap
+        self._count_open_run(batch, cap > 0)
         return cap
+
+    def open_rounds(self, batch: int) -> float | None:
+        """Mean length of the last ended runs of open shared passes of `batch` calls (None: none yet)."""
+        runs = self._open_runs.get(batch)
+        return statistics.mean(runs) if runs else None
+
+    def _count_open_run(self, batch: int, opened: bool) -> None:
+        run = self._open_run.get(batch, 0)
+        if opened:
+            self._open_run[batch] = run + 1
+        elif run:
+            self._open_runs.setdefault(batch, deque(maxlen=self.run_window)).append(run)
+            self._open_run[batch] = 0

@@ -197,7 +197,8 @@ class LocalVerifier:
             want = call.want_depth if call.want_depth >= 0 else depth
             demands.append(CallDemand(want=want, rates=call.accept_rates, nodes_by_depth=by_depth,
                                       nodes_per_position=len(tree) / depth if depth else 1.0,
-                                      draft_seconds=call.draft_seconds, catch_up_seconds=call.catch_up_seconds))
+                                      draft_seconds=call.draft_seconds, catch_up_seconds=call.catch_up_seconds,
+                                      catch_up_rounds=call.catch_up_rounds))
         return self.planner.depth_cap(demands)
 
     def verify_sync(self, call: VerifyCall) -> VerifyReply:

@@ -33,7 +33,7 @@ from ..cascade.draft_length import DraftLengthPolicy, TieredLengthPolicy
 from ..sampling import coupling_for_rule
 from ..tree.token_tree import ROOT, Coupling, TokenTree
 from .ahead import AheadContext, DraftingAhead, make_strategy
-from .goodput import CatchUpCost, shadow_accepted
+from .goodput import CatchUpCost, rounds_left, shadow_accepted
 from .merge import drafted_by_drafter, merge_trees
 from .types import DEFAULT_MIN_DRAFT_CONFIDENCE, GenerationRequest, GenerationStats, RoundResult, verification_rule
 from .workers import (DraftCall, DraftReply, DrafterBackend, VerifierBackend, VerifyCall, is_alternative_label,
@@ -344,6 +344,7 @@ class DecodeLoop:
                     # if the pass lets it draft next round: the text it has not seen, + this round's
                     # token, spread over the rounds it has left
                     catch_up_seconds=catch_up.per_round(len(committed) + 1 - seen, remaining, accept_rates),
+                    catch_up_rounds=rounds_left(remaining, accept_rates),
                 )
             )
             try:

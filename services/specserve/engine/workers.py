@@ -103,8 +103,10 @@ class VerifyCall:
     want_depth: int = -1
     accept_rates: tuple[float, ...] = ()
     draft_seconds: float = 0.0  # the request's measured drafting seconds per drafted position
-    # what its LM drafters would first spend catching up on text they have not seen (engine/goodput.py)
+    # what its LM drafters would first spend catching up on text they have not seen (engine/goodput.py),
+    # spread over `catch_up_rounds` rounds (0 = not spread: the seconds are this pass's share)
     catch_up_seconds: float = 0.0
+    catch_up_rounds: float = 0.0
 
 
 @dataclass

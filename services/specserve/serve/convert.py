@@ -266,6 +266,7 @@ def verify_call_to_proto(call: VerifyCall) -> int_pb.VerifyCall:
         accept_rates=call.accept_rates,
         draft_seconds=call.draft_seconds,
         catch_up_seconds=call.catch_up_seconds,
+        catch_up_rounds=call.catch_up_rounds,
     )
 
 
@@ -283,6 +284,7 @@ def verify_call_from_proto(msg: int_pb.VerifyCall) -> VerifyCall:
         accept_rates=tuple(msg.accept_rates),
         draft_seconds=msg.draft_seconds,
         catch_up_seconds=msg.catch_up_seconds,
+        catch_up_rounds=msg.catch_up_rounds,
     )
 
 

@@ -191,7 +191,7 @@ class DraftReply(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ..., drafter: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyCall(_message.Message):
-    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width", "want_depth", "accept_rates", "draft_seconds", "catch_up_seconds")
+    __slots__ = ("session_id", "committed", "tree", "sampling", "rule", "rule_params", "seed", "ti_width", "want_depth", "accept_rates", "draft_seconds", "catch_up_seconds", "catch_up_rounds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class VerifyCall(_message.Message):
     ACCEPT_RATES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CATCH_UP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CATCH_UP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     committed: _containers.RepeatedScalarFieldContainer[int]
     tree: TokenTree
@@ -216,7 +217,8 @@ class VerifyCall(_message.Message):
     accept_rates: _containers.RepeatedScalarFieldContainer[float]
     draft_seconds: float
     catch_up_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ..., draft_seconds: _Optional[float] = ..., catch_up_seconds: _Optional[float] = ...) -> None: ...
+    catch_up_rounds: float
+    def __init__(self, session_id: _Optional[str] = ..., committed: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., rule: _Optional[str] = ..., rule_params: _Optional[_Union[RuleParams, _Mapping]] = ..., seed: _Optional[int] = ..., ti_width: _Optional[int] = ..., want_depth: _Optional[int] = ..., accept_rates: _Optional[_Iterable[float]] = ..., draft_seconds: _Optional[float] = ..., catch_up_seconds: _Optional[float] = ..., catch_up_rounds: _Optional[float] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
     __slots__ = ("tokens", "path", "accepted_by_drafter", "seconds", "next_roots", "depth_cap", "explore")
