@@ -379,6 +379,7 @@ class PassPlanner:
         # makes the others wait and desynchronises them, and then no pass is shared any more
         self._recent: deque = deque(maxlen=memory_passes)
         self.last_cap = -1
+        self.told_cap = -1  # the cap the last shared pass's calls are told (depth_cap's doc)
         self.explored = False  # the last shared cap was raised for exploration
         self._open_runs: dict[int, deque] = {}  # batch size -> lengths of its last ended open runs
         self._open_run: dict[int, int] = {}  # batch size -> length of the open run in progress
@@ -407,23 +408,29 @@ class PassPlanner:
             self.audit.passed(started, session_ids, opened, tokens)
 
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
-        """The cap for a pass shared by `demands` (-1 = none: no measurement yet)."""
+        """The depth a pass shared by `demands` verifies (-1 = none: no measurement yet). Its calls
+        are told `told_cap` for their next round: the same, except on the pass that lets an
+        explored depth through, where they are told the model's own cap."""
         self.shared_passes += 1
         self.explored = False
         batch = len(demands)
         choice = choose_depth_cap(demands, self.costs, open_rounds=self.open_rounds(batch))
         if choice is None:
             return -1
-        cap, self._let_through = max(choice.cap, self._let_through), -1
-        if cap > 0 and self.audit is not None and not self.audit.allow_open(len(demands)):
-            cap, self.vetoes = 0, self.vetoes + 1  # open passes of this size realised less than plain ones
+        told = choice.cap
+        if told > 0 and self.audit is not None and not self.audit.allow_open(len(demands)):
+            told, self.vetoes = 0, self.vetoes + 1  # open passes of this size realised less than plain ones
+        # the pass after an exploration verifies the explored depth (that measures it), but its calls
+        # are told the model's own cap: told the explored depth, every LM drafter of the batch caught
+        # up on what it skipped to draft one round (8 streams, Qwen pair: all the open passes there)
+        cap, self._let_through = max(told, self._let_through), -1
         if self.shared_passes % self.explore_every == 0 and cap < max(d.want for d in demands):
             rows = len(demands) * max(d.feed(cap + 1) for d in demands)
             if rows > self.costs.largest_rows():
-                cap = self._let_through = cap + 1
+                cap = told = self._let_through = cap + 1
                 self.explored = True
-        self.last_cap = cap
-        self._count_open_run(batch, cap > 0)
+        self.last_cap = self.told_cap = told
+        self._count_open_run(batch, told > 0)
         return cap
 
     def open_rounds(self, batch: int) -> float | None:

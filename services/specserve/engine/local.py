@@ -235,11 +235,12 @@ class LocalVerifier:
             alone, batched = sorted(alone + batched), []
         if self.goodput_caps:
             self.planner.saw([calls[i].session_id for i in batched or alone])
-        cap, explore = -1, False
+        cap, told, explore = -1, -1, False
         if batched:
             started = time.perf_counter()
             cap = self._depth_cap([calls[i] for i in batched])
             explore = self.goodput_caps and self.planner.explored
+            told = self.planner.told_cap if self.goodput_caps and cap >= 0 else cap
             if cap >= 0:  # cutting a draft is lossless: the verifier just sees fewer candidates
                 calls = list(calls)
                 for i in batched:
@@ -285,7 +286,7 @@ class LocalVerifier:
                 results[i] = exc
         for i in batched:  # their trees were cut to the cap (also when re-verified alone)
             if isinstance(results[i], VerifyReply):
-                results[i].depth_cap, results[i].explore = cap, explore
+                results[i].depth_cap, results[i].explore = told, explore
         return results  # type: ignore[return-value]
 
     def _accept(self, session, call: VerifyCall, logits, started: float, plain_step: bool) -> VerifyReply:
