@@ -391,7 +391,7 @@ def test_exploration_is_said_and_filled_by_the_model_free_drafters(lm):  # noqa:
     planner = PassPlanner(explore_every=2)
     planner.costs = fitted(CURVES["compute-bound"], rows=(1, 2, 4, 6))
     demands = [CallDemand(want=6, rates=(0.3,) * 6) for _ in range(4)]
-    caps = [(planner.depth_cap(demands), planner.explored, planner.told_cap) for _ in range(4)]
+    caps = [(planner.depth_cap(demands), planner.explored, planner.last_cap) for _ in range(4)]
     assert caps[0] == (0, False, 0) and caps[1] == (1, True, 1)  # the 2nd pass explores cap 1
     # the pass after verifies that depth once, not itself exploring, and tells its calls the model's
     # own cap: told 1, every LM drafter of the batch caught up to draft one round (8 streams, Qwen)

@@ -378,8 +378,7 @@ class PassPlanner:
         # itself while other sessions are active keeps that cap (sticky), because a deep lone pass
         # makes the others wait and desynchronises them, and then no pass is shared any more
         self._recent: deque = deque(maxlen=memory_passes)
-        self.last_cap = -1
-        self.told_cap = -1  # the cap the last shared pass's calls are told (depth_cap's doc)
+        self.last_cap = -1  # the cap the last shared pass's calls were told (depth_cap's doc)
         self.explored = False  # the last shared cap was raised for exploration
         self._open_runs: dict[int, deque] = {}  # batch size -> lengths of its last ended open runs
         self._open_run: dict[int, int] = {}  # batch size -> length of the open run in progress
@@ -409,7 +408,7 @@ class PassPlanner:
 
     def depth_cap(self, demands: Sequence[CallDemand]) -> int:
         """The depth a pass shared by `demands` verifies (-1 = none: no measurement yet). Its calls
-        are told `told_cap` for their next round: the same, except on the pass that lets an
+        are told `last_cap` for their next round: the same, except on the pass that lets an
         explored depth through, where they are told the model's own cap."""
         self.shared_passes += 1
         self.explored = False
@@ -429,7 +428,7 @@ class PassPlanner:
             if rows > self.costs.largest_rows():
                 cap = told = self._let_through = cap + 1
                 self.explored = True
-        self.last_cap = self.told_cap = told
+        self.last_cap = told
         self._count_open_run(batch, told > 0)
         return cap
 

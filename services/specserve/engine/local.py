@@ -240,7 +240,7 @@ class LocalVerifier:
             started = time.perf_counter()
             cap = self._depth_cap([calls[i] for i in batched])
             explore = self.goodput_caps and self.planner.explored
-            told = self.planner.told_cap if self.goodput_caps and cap >= 0 else cap
+            told = self.planner.last_cap if self.goodput_caps and cap >= 0 else cap
             if cap >= 0:  # cutting a draft is lossless: the verifier just sees fewer candidates
                 calls = list(calls)
                 for i in batched:

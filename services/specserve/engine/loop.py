@@ -206,7 +206,8 @@ class DecodeLoop:
         committed = list(request.prompt_ids)
         ahead_trees: list[TokenTree] = []  # next round's drafts, made during verification
         ahead_strategy = self.ahead
-        # drafting ahead applies to chains (engine/ahead.py); mcsd-ti roots and k-config trees draft in-round
+        # drafting ahead applies to the drafters' own drafts (engine/ahead.py); mcsd-ti roots and
+        # k-config trees draft in-round
         if ti or request.tree_config or not drafters:
             ahead_strategy = None
         # no build answers this round (a miss; the first round has had no build): the strategy says
