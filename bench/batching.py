@@ -154,7 +154,8 @@ def run_batching(model: str, prompts: list[Prompt], streams: tuple[int, ...], ma
             f"{m} {row[m]['ratio']:.2f}x (per repeat {', '.join(f'{x:.2f}' for x in row[m]['runs_ratio'])}; "
             f"mean cap {row[m]['mean_cap']}, vetoes {row[m]['vetoes']})" for m in modes if m != "plain")
             + f", same tokens {row['same_tokens']}")
-    return {"kind": "batching", "meta": {"model": model, "dtype": dtype, "drafters": list(drafters),
+    resolved = str(lm.dtype).removeprefix("torch.")
+    return {"kind": "batching", "meta": {"model": model, "dtype": dtype if dtype != "auto" else f"auto: {resolved}", "drafters": list(drafters),
                                          "draft_length": draft_length, "max_new_tokens": max_new_tokens,
                                          "max_prompt_tokens": max_prompt_tokens, "kernels": lm.kernels, "prompts": len(ids),
                                          "repeats": repeats, "modes": list(modes),
