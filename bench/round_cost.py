@@ -24,39 +24,30 @@ from specserve.models.drafters import LMDrafter
 
 
 class CallTimer:
-    """Accumulates wall time spent inside one method of one object (wrapped on the instance)."""
+    """Accumulates wall time spent inside `method` of each object given (wrapped on the instance)."""
 
-    def __init__(self, obj, method: str) -> None:
+    def __init__(self, method: str, *objs) -> None:
         self.total = 0.0
-        inner = getattr(obj, method)
+        for obj in objs:
+            setattr(obj, method, self._timed(getattr(obj, method)))
 
+    def _timed(self, inner):
         def timed(*args, **kwargs):
             started = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
                 self.total += time.perf_counter() - started
-        setattr(obj, method, timed)
+        return timed
 
 
-class ForwardTimer:
-    """Accumulates wall time spent inside model forwards: CausalLM.forward of every model given,
-    wrapped on the instance. (Module hooks no longer see them: the lean forward of
-    models/lean_forward.py runs the layers without calling the top module.)"""
+class ForwardTimer(CallTimer):
+    """Wall time inside model forwards: CausalLM.forward of every model given. (Module hooks no
+    longer see them: the lean forward of models/lean_forward.py runs the layers without calling
+    the top module.)"""
 
     def __init__(self, *lms: CausalLM) -> None:
-        self.total = 0.0
-        for lm in lms:
-            lm.forward = self._timed(lm.forward)
-
-    def _timed(self, forward):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                self.total += time.perf_counter() - started
-        return timed
+        super().__init__("forward", *lms)
 
 
 def context_ids(lm: CausalLM, texts: list[str], length: int) -> list[int]:
@@ -97,7 +88,7 @@ def run_round_cost(model: str, texts: list[str], contexts=(300, 1000), rounds: i
     verifier = LocalVerifier(lm, max_sessions=2)
     plain_engine = SpeculativeEngine(verifier, [])
     drafter = LocalDrafter(LMDrafter(drafter_lm, name="early-exit", max_sessions=2))
-    drafter_calls = CallTimer(drafter, "draft_sync")  # the whole call, on the compute thread
+    drafter_calls = CallTimer("draft_sync", drafter)  # the whole call, on the compute thread
     spec_engine = SpeculativeEngine(verifier, [drafter], dynamic_length=False)
     rows = []
     for context in contexts:
