@@ -19,6 +19,7 @@ from specserve.models.quantize import (
     Int8WeightOnlyLinear,
     quantize_model,
     split_spec,
+    WIDE_ROWS,
 )
 from specserve.sampling.params import SamplingParams
 
@@ -163,3 +164,35 @@ def test_quantized_model_stacks_projections_without_changing_logits(model_dir, s
     for token in (9, 31, 4):
         a.append(token), b.append(token)
         assert torch.allclose(a.next_logits(), b.next_logits(), atol=1e-5)  # decode: one row
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8WeightOnlyLinear])
+def test_wide_calls_run_the_dense_copy_of_the_same_dequantized_weight(cls, monkeypatch):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 96, bias=True)
+    narrow, wide = cls(linear, linear.weight, linear.bias), cls(linear, linear.weight, linear.bias, wide=True)
+    assert narrow.wide_weight is None and wide.wide_weight.dtype == torch.bfloat16
+    few, many = torch.randn(WIDE_ROWS - 1, 128), torch.randn(WIDE_ROWS, 128)
+    with torch.inference_mode():
+        assert torch.equal(wide(few), narrow(few))  # under WIDE_ROWS rows: the kernel, bit for bit
+        want, got = narrow(many), wide(many)
+        dense = (torch.nn.functional.linear(many.to(torch.bfloat16), wide.wide_weight) + wide.bias).float()
+    assert torch.equal(got, dense)  # from WIDE_ROWS rows: the dense copy
+    assert ((got - want).norm() / want.norm()) < 0.02  # of the very weight the kernel dequantizes
+    calls = []
+    monkeypatch.setattr(cls, "_matmul", lambda self, x: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 96, dtype=x.dtype))
+    with torch.inference_mode():
+        wide(many), wide(few)
+    assert calls == [WIDE_ROWS - 1]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_wide_copies_only_where_bf16_is_native_and_never_for_the_lm_head(model_dir, native, monkeypatch):
+    monkeypatch.setattr("specserve.models.quantize.wide_copies_pay", lambda: native)
+    lm = CausalLM.load(model_dir, dtype="float32", quantize="int4")
+    layers = [m for m in lm.model.modules() if isinstance(m, Int4Linear)]
+    head = lm.model.get_output_embeddings()
+    assert isinstance(head, Int4Linear) and head.wide_weight is None
+    others = [m for m in layers if m is not head]
+    assert others and all((m.wide_weight is not None) == native for m in others)
+    assert ("dense bf16" in lm.kernels) == native

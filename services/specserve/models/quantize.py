@@ -25,7 +25,16 @@ with AVX512-BF16 (no AMX): fp32 model int8 22.9 ms, int4 21.9 ms; bf16 model int
 q/k/v and gate/up are stacked into one quantized layer each (models/fused_projections.py: the
 same numbers in 2 kernel calls instead of 5; 15-17 % off a Qwen2.5-0.5B drafter token, int8 and
 int4, on the AVX512-BF16 EPYC). The lm_head is quantized too (for tied embeddings only the output
-projection: the input embedding stays a dense lookup). torchao's int8 weight-only tensor dequantizes the whole weight
+projection: the input embedding stays a dense lookup).
+Wide calls: the weight-only kernels' time grows with the rows of a call (they dequantize and FMA per
+row; measured on an Intel Xeon with AMX, a 9728 x 896 int4 layer: 0.37 ms at 1 row, 1.0 ms at 8, 60
+ms at 504, while a dense bf16 GEMM is flat at 0.8-1.0 ms to 32 rows and 5 ms at 504). A Qwen2.5-0.5B
+int4 drafter read a 504-token prompt in 2.8 s there, twice the 1.5B verifier's own prefill (1.4 s).
+So where the CPU runs bf16 natively each weight-only layer but the lm_head also keeps its dequantized
+weight as a dense bf16 matrix and calls of `WIDE_ROWS` rows or more (prefills, tree builds) use it;
+decode steps keep streaming the 4-bit (8-bit) weights. The cost is memory: 2 bytes a parameter
+(about 0.7 GB for Qwen2.5-0.5B without its lm_head). The same numbers either way up to bf16 rounding
+of the dequantized weight (the kernels dequantize to bf16 too). torchao's int8 weight-only tensor dequantizes the whole weight
 per call in eager mode, so it is not used here.
 """
 
@@ -85,18 +94,39 @@ class DynamicInt8Linear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range).to(x.dtype)
 
 
+# Rows from which a weight-only layer runs its dense bf16 copy instead of its kernel (module doc:
+# the measured crossover on an AMX Xeon is 8 rows for the MLP shapes, 8-16 for attention's).
+WIDE_ROWS = 8
+
+
+def wide_copies_pay() -> bool:
+    """Dense bf16 copies for wide calls pay only where bf16 GEMMs run natively (AVX512-BF16/AMX);
+    emulated bf16 (AVX2) is slower than the kernels at any width."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class _Bf16PackedLinear(nn.Module):
     """Shared by the packed weight-only kernels: they take 2-D bf16 activations, so inputs are
-    flattened and cast in, the bias added in bf16, and the result shaped and cast back."""
+    flattened and cast in, the bias added in bf16, and the result shaped and cast back. With a
+    `wide_weight` (module doc) calls of WIDE_ROWS rows or more run it as a dense bf16 GEMM."""
 
     out_features: int
+    wide_weight: torch.Tensor | None
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _keep_wide_copy(self, dequantized: torch.Tensor | None) -> None:
+        self.register_buffer("wide_weight", None if dequantized is None else dequantized.to(torch.bfloat16),
+                             persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self._matmul(x.reshape(-1, shape[-1]).to(torch.bfloat16))
+        x2d = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.wide_weight is not None and x2d.shape[0] >= WIDE_ROWS:
+            y = torch.nn.functional.linear(x2d, self.wide_weight)
+        else:
+            y = self._matmul(x2d)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -107,13 +137,15 @@ class Int8WeightOnlyLinear(_Bf16PackedLinear):
 
     kernel = "int8 weight-only (aten._weight_int8pack_mm, bf16)"
 
-    def __init__(self, linear: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, linear: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 wide: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
         self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
+        self._keep_wide_copy(self.qweight.float() * self.scales.float()[:, None] if wide else None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -125,7 +157,8 @@ class Int4Linear(_Bf16PackedLinear):
 
     kernel = "int4 weight-only (aten._weight_int4pack_mm_for_cpu, bf16)"
 
-    def __init__(self, linear: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, linear: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 wide: bool = False) -> None:
         super().__init__()
         n, k = weight.shape
         if k % INT4_GROUP:
@@ -141,6 +174,11 @@ class Int4Linear(_Bf16PackedLinear):
         sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+        if wide:  # what the kernel computes: (q - 8) * scale + zero, from the bf16 scale and zero
+            scale_b, zero_b = (t.to(torch.bfloat16).float() for t in (scale, zero))
+            self._keep_wide_copy(((q.reshape(n, -1, INT4_GROUP) - 8) * scale_b + zero_b).reshape(n, k))
+        else:
+            self._keep_wide_copy(None)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP, self.scales_zeros)
@@ -171,10 +209,14 @@ def quantize_model(model: nn.Module, scheme: str) -> str:
     if param.device.type != "cpu":
         raise ValueError(f"quantized drafters run on the CPU only (model is on {param.device})")
     cls = layer_class(scheme, param.dtype)
+    # dense bf16 copies for wide calls (module doc), not for the lm_head: a prefill keeps one row of it
+    wide = issubclass(cls, _Bf16PackedLinear) and wide_copies_pay()
+    lm_head = model.get_output_embeddings()
     # q/k/v and gate/up as one call each (models/fused_projections.py): same numbers, fewer calls
-    fuse_projections(model, lambda weight, bias: cls(None, weight, bias))
+    fuse_projections(model, lambda weight, bias: cls(None, weight, bias, **({"wide": True} if wide else {})))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, cls(child, child.weight, child.bias))
-    return cls.kernel
+                extra = {"wide": True} if wide and child is not lm_head else {}
+                setattr(parent, name, cls(child, child.weight, child.bias, **extra))
+    return cls.kernel + (f"; {WIDE_ROWS}+ rows: dense bf16" if wide else "")
