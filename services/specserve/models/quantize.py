@@ -102,7 +102,9 @@ WIDE_ROWS = 8
 def wide_copies_pay() -> bool:
     """Dense bf16 copies for wide calls pay only where bf16 GEMMs run natively (AVX512-BF16/AMX);
     emulated bf16 (AVX2) is slower than the kernels at any width."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from .causal_lm import native_bf16  # causal_lm imports this module
+
+    return native_bf16("cpu")
 
 
 class _Bf16PackedLinear(nn.Module):
@@ -174,11 +176,9 @@ class Int4Linear(_Bf16PackedLinear):
         sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], -1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-        if wide:  # what the kernel computes: (q - 8) * scale + zero, from the bf16 scale and zero
-            scale_b, zero_b = (t.to(torch.bfloat16).float() for t in (scale, zero))
-            self._keep_wide_copy(((q.reshape(n, -1, INT4_GROUP) - 8) * scale_b + zero_b).reshape(n, k))
-        else:
-            self._keep_wide_copy(None)
+        # what the kernel computes: (q - 8) * scale + zero, from the bf16 scale and zero
+        scale_b, zero_b = (t.to(torch.bfloat16).float() for t in (scale, zero))
+        self._keep_wide_copy(((q.reshape(n, -1, INT4_GROUP) - 8) * scale_b + zero_b).reshape(n, k) if wide else None)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP, self.scales_zeros)
@@ -212,11 +212,14 @@ def quantize_model(model: nn.Module, scheme: str) -> str:
     # dense bf16 copies for wide calls (module doc), not for the lm_head: a prefill keeps one row of it
     wide = issubclass(cls, _Bf16PackedLinear) and wide_copies_pay()
     lm_head = model.get_output_embeddings()
+
+    def layer(linear: nn.Module | None, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        return cls(linear, weight, bias, wide=True) if wide and linear is not lm_head else cls(linear, weight, bias)
+
     # q/k/v and gate/up as one call each (models/fused_projections.py): same numbers, fewer calls
-    fuse_projections(model, lambda weight, bias: cls(None, weight, bias, **({"wide": True} if wide else {})))
+    fuse_projections(model, lambda weight, bias: layer(None, weight, bias))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                extra = {"wide": True} if wide and child is not lm_head else {}
-                setattr(parent, name, cls(child, child.weight, child.bias, **extra))
+                setattr(parent, name, layer(child, child.weight, child.bias))
     return cls.kernel + (f"; {WIDE_ROWS}+ rows: dense bf16" if wide else "")
